@@ -1,0 +1,30 @@
+"""aggregator: exactly-once usage aggregation across replicas, on SQLite or PostgreSQL.
+
+The data path, one module each: tracker → flush → store → collector → reports.
+"""
+
+from aggregator.exceptions import (
+    AggregatorError,
+    ConfigError,
+    InvalidInput,
+    InvalidType,
+    NotRunning,
+    SchemaOutdated,
+    StoreError,
+    StoreUnavailable,
+)
+from aggregator.reports import Report
+from aggregator.runtime import Aggregator
+
+__all__ = [
+    "Aggregator",
+    "AggregatorError",
+    "ConfigError",
+    "InvalidInput",
+    "InvalidType",
+    "NotRunning",
+    "Report",
+    "SchemaOutdated",
+    "StoreError",
+    "StoreUnavailable",
+]

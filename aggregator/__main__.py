@@ -1,0 +1,3 @@
+from aggregator import cli
+
+raise SystemExit(cli.main())

@@ -1,0 +1,129 @@
+"""The ``aggregator`` command: ``db upgrade``, ``reports``, ``demo``.
+
+Every option falls back to an ``AGGREGATOR_*`` environment variable; ``--help`` names it.
+Exit codes: 0 success, 1 failure at run time (database, a demo mismatch), 2 bad usage or settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from aggregator import config, exceptions, logs, migrate, reports, store
+
+
+def _env_option(parser: argparse.ArgumentParser, flag: str, env: str, help: str, **kwargs: Any) -> None:
+    default = os.environ.get(env, kwargs.pop("default", None))
+    parser.add_argument(flag, default=default, help=f"{help} [env: {env}; default: %(default)s]", **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aggregator", description=__doc__.split("\n\n")[0])
+    _env_option(parser, "--log-level", "AGGREGATOR_LOG_LEVEL", "log level (debug, info, warning, error)",
+                default="warning", choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    db = commands.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True,
+                                                                            metavar="DB_COMMAND")
+    upgrade = db.add_parser("upgrade", help="apply schema migrations up to the newest")
+    _env_option(upgrade, "--database-url", "AGGREGATOR_DATABASE_URL",
+                "database URL (postgresql://... or sqlite:///path); unset means the embedded SQLite file")
+    upgrade.set_defaults(run=_db_upgrade)
+
+    report = commands.add_parser("reports", help="print finished reports, oldest first")
+    _env_option(report, "--database-url", "AGGREGATOR_DATABASE_URL", "database URL")
+    _env_option(report, "--since", "AGGREGATOR_SINCE", "only windows starting at or after this ISO 8601 time")
+    _env_option(report, "--format", "AGGREGATOR_FORMAT", "output format", default="table",
+                choices=["table", "json", "csv"])
+    report.set_defaults(run=_reports)
+
+    demo = commands.add_parser("demo", help="several replica processes, live windows, reports checked against truth")
+    _env_option(demo, "--replicas", "AGGREGATOR_DEMO_REPLICAS", "replica processes", default="3")
+    _env_option(demo, "--window", "AGGREGATOR_WINDOW", "report window", default="10s")
+    _env_option(demo, "--duration", "AGGREGATOR_DEMO_DURATION", "how long the replicas send traffic", default="35s")
+    _env_option(demo, "--flush-interval", "AGGREGATOR_FLUSH_INTERVAL", "flush interval", default="1s")
+    _env_option(demo, "--database-url", "AGGREGATOR_DEMO_DATABASE_URL",
+                "database URL; unset means a fresh SQLite file in a temporary directory")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logs.configure(level=args.log_level)
+    try:
+        return int(args.run(args) or 0)
+    except exceptions.ConfigError as exc:
+        print(f"aggregator: {exc}", file=sys.stderr)
+        return 2
+    except exceptions.AggregatorError as exc:
+        print(f"aggregator: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    async def run() -> tuple[str | None, str | None]:
+        db = store.Store(config.resolve_database_url(args.database_url))
+        try:
+            return await migrate.upgrade(db)
+        finally:
+            await db.close()
+
+    before, after = asyncio.run(run())
+    url = config.mask_url(config.resolve_database_url(args.database_url))
+    if before == after:
+        print(f"{url}: schema already at {after}")
+    else:
+        print(f"{url}: schema upgraded from {before or 'empty'} to {after}")
+    return 0
+
+
+def _reports(args: argparse.Namespace) -> int:
+    since = None
+    if args.since:
+        import datetime as dt
+
+        try:
+            parsed = dt.datetime.fromisoformat(args.since.replace("Z", "+00:00"))
+        except ValueError:
+            raise exceptions.ConfigError(
+                f"--since={args.since!r} is not an ISO 8601 time; use e.g. 2026-01-31T12:00:00Z") from None
+        since = int((parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)).timestamp())
+
+    async def run() -> list[reports.Report]:
+        db = store.Store(config.resolve_database_url(args.database_url), pool_size=1)
+        try:
+            await migrate.ensure_current(db, auto_upgrade=db.dialect == "sqlite")
+            return [reports.Report.from_row(row) for row in await db.reports(since=since)]
+        finally:
+            await db.close()
+
+    found = asyncio.run(run())
+    formatter = {"table": reports.format_table, "json": reports.format_json, "csv": reports.format_csv}[args.format]
+    sys.stdout.write(formatter(found))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from aggregator import demo
+
+    try:
+        replicas = int(args.replicas)
+    except ValueError:
+        raise exceptions.ConfigError(f"--replicas={args.replicas!r} must be a whole number from 1 to 32") from None
+    if not 1 <= replicas <= 32:
+        raise exceptions.ConfigError(f"--replicas={replicas} must be from 1 to 32")
+    return demo.run(
+        replicas=replicas,
+        window=config.parse_duration(args.window, key="--window"),
+        duration=config.parse_duration(args.duration, key="--duration"),
+        flush_interval=config.parse_duration(args.flush_interval, key="--flush-interval"),
+        database_url=args.database_url,
+    )

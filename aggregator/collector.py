@@ -1,0 +1,82 @@
+"""The collector: turns each finished window into exactly one report.
+
+It runs in every replica with ``collect=True``. Each run lists the windows whose end plus grace has
+passed and asks the store to collect them one by one; the store's locks make exactly one replica win
+each window, and a collector that dies mid-way leaves its window open for the next run anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from aggregator import reports, store
+
+log = structlog.get_logger("aggregator.collector")
+
+
+@dataclasses.dataclass(slots=True)
+class CollectorStats:
+    runs: int = 0
+    reports_written: int = 0
+    failures: int = 0
+    last_error: str | None = None
+
+
+class Collector:
+    def __init__(self, store_: store.Store, *, collector_id: str, grace: float, id_retention: float,
+                 clock: Callable[[], float] = time.time,
+                 on_locked: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.store = store_
+        self.collector_id = collector_id
+        self.grace = grace
+        self.id_retention = id_retention
+        self.stats = CollectorStats()
+        self._clock = clock
+        self._on_locked = on_locked
+        self._lock = asyncio.Lock()
+        self._last_prune = 0.0
+
+    async def run_once(self) -> list[reports.Report]:
+        """Collect every due window this replica can; returns the reports it wrote."""
+        async with self._lock:
+            self.stats.runs += 1
+            written: list[reports.Report] = []
+            try:
+                for start in await self.store.due_windows(self._clock(), self.grace):
+                    began = time.monotonic()
+                    row = await self.store.collect_window(
+                        start, collector_id=self.collector_id, now=self._clock(), on_locked=self._on_locked
+                    )
+                    if row is None:
+                        continue
+                    report = reports.Report.from_row(row)
+                    written.append(report)
+                    self.stats.reports_written += 1
+                    log.info("collect", window_start=report.window_start.isoformat(),
+                             unique_workspaces=report.unique_workspaces, unique_users=report.unique_users,
+                             allowed=report.allowed_requests, denied=report.denied_requests,
+                             replicas=report.replicas, late_allowed=report.late_allowed_requests,
+                             late_denied=report.late_denied_requests,
+                             duration_ms=round((time.monotonic() - began) * 1000, 2),
+                             collector_id=self.collector_id)
+                await self._prune_now_and_then()
+            except Exception as exc:
+                self.stats.failures += 1
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("collect_failed", error=self.stats.last_error, collector_id=self.collector_id)
+                raise
+            return written
+
+    async def _prune_now_and_then(self) -> None:
+        now = self._clock()
+        if now - self._last_prune < min(self.id_retention / 4, 3600):
+            return
+        self._last_prune = now
+        deleted = await self.store.prune(before=now - self.id_retention, now=now)
+        if deleted:
+            log.info("prune", ids_deleted=deleted, collector_id=self.collector_id)

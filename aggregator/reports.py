@@ -1,0 +1,95 @@
+"""Reports: the durable result of one window, and how it is printed (table, JSON lines, CSV).
+
+``allowed_requests`` and the other plain counts are the window's own traffic. ``late_*`` counts are
+traffic of earlier, already reported windows that reached the database while this window was open:
+the sum over all reports of ``allowed_requests + late_allowed_requests`` equals everything tracked.
+``late_unique_*`` count ids that were new to the window they belong to.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as dt
+import io
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+UTC = dt.timezone.utc
+
+
+def to_datetime(epoch: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(epoch, tz=UTC)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Report:
+    """One window's report; ``id`` is the position in the report stream (a pull cursor)."""
+
+    id: int
+    window_start: dt.datetime
+    window_end: dt.datetime
+    unique_workspaces: int
+    unique_users: int
+    allowed_requests: int
+    denied_requests: int
+    replicas: int
+    late_allowed_requests: int
+    late_denied_requests: int
+    late_unique_workspaces: int
+    late_unique_users: int
+    generated_at: dt.datetime
+    generated_by: str
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Report:
+        values = {field.name: row[field.name] for field in dataclasses.fields(cls)}
+        for name in ("window_start", "window_end", "generated_at"):
+            values[name] = to_datetime(values[name])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: datetimes as ISO 8601 UTC strings."""
+        out = dataclasses.asdict(self)
+        for name in ("window_start", "window_end", "generated_at"):
+            out[name] = out[name].isoformat().replace("+00:00", "Z")
+        return out
+
+
+FIELDS = [field.name for field in dataclasses.fields(Report)]
+_TABLE_COLUMNS = [
+    ("window_start", "window start (UTC)"), ("unique_workspaces", "workspaces"), ("unique_users", "users"),
+    ("allowed_requests", "allowed"), ("denied_requests", "denied"), ("replicas", "replicas"),
+    ("late_allowed_requests", "late allowed"), ("late_denied_requests", "late denied"),
+    ("late_unique_users", "late users"),
+]
+
+
+def format_json(reports: Iterable[Report]) -> str:
+    """One JSON object per line."""
+    return "".join(json.dumps(r.to_dict(), sort_keys=True) + "\n" for r in reports)
+
+
+def format_csv(reports: Iterable[Report]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for report in reports:
+        writer.writerow(report.to_dict())
+    return buffer.getvalue()
+
+
+def format_table(reports: Iterable[Report]) -> str:
+    rows = [[_cell(getattr(r, name)) for name, _ in _TABLE_COLUMNS] for r in reports]
+    header = [title for _, title in _TABLE_COLUMNS]
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
+    lines = ["  ".join(str(x).rjust(w) for x, w in zip(line, widths, strict=True)) for line in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, dt.datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return str(value)

@@ -1,0 +1,427 @@
+"""The Aggregator: what a service embeds. It wires tracker → flusher → store → collector together.
+
+Sync hosts call ``start()``: a daemon thread runs an event loop of its own with an apscheduler that
+flushes every ``flush_interval`` and collects every ``collect_interval``. Asyncio hosts use
+``async with Aggregator(...)``: the same jobs run on the host's loop. ``track()`` only touches memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import functools
+import os
+import signal
+import threading
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from aggregator import collector, config, exceptions, flush, migrate, reports, store, tracker
+
+log = structlog.get_logger("aggregator")
+T = TypeVar("T")
+
+_sigterm_installed = False
+
+
+class Aggregator:
+    """Usage aggregation for one replica (process). See the README for the full contract."""
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        replica_id: str | None = None,
+        window: str | float = "30m",
+        flush_interval: str | float = "60s",
+        grace: str | float | None = None,
+        collect: bool = True,
+        *,
+        collect_interval: str | float | None = None,
+        stop_timeout: str | float = "30s",
+        id_retention: str | float = "2d",
+        handle_sigterm: bool = True,
+        clock: Callable[[], float] = time.time,
+        on_collector_locked: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.settings = config.Settings.build(
+            database_url=database_url, replica_id=replica_id, window=window, flush_interval=flush_interval,
+            grace=grace, collect=collect, collect_interval=collect_interval, stop_timeout=stop_timeout,
+            id_retention=id_retention,
+        )
+        self._auto_replica_id = replica_id is None
+        self._handle_sigterm = handle_sigterm
+        self._clock = clock
+        self._on_collector_locked = on_collector_locked
+        self._tracker = tracker.Tracker(self.settings.window_seconds, clock)
+        self._state = "new"  # new → running → stopped
+        self._mode: str | None = None  # "thread" (own loop) or "async" (host's loop)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._store: store.Store | None = None
+        self._flusher: flush.Flusher | None = None
+        self._collector: collector.Collector | None = None
+        self._scheduler: AsyncIOScheduler | None = None
+        self._retry_delay = 0.0
+        self._lifecycle = threading.Lock()
+        # track() and flush() call this first when not None: in a forked child, it restarts us.
+        self._gate: Callable[[], None] | None = None
+        os.register_at_fork(after_in_child=functools.partial(_after_fork_in_child, weakref.ref(self)))
+
+    # ---- the hot path ----------------------------------------------------------------------
+
+    def track(self, workspace_id: object, user_id: object, allowed: int = 1, denied: int = 0, *,
+              at: object = None) -> None:
+        """Count one request of ``user_id`` in ``workspace_id``; never blocks on I/O.
+
+        ``at`` (an aware datetime or epoch seconds) places the event in the window of that moment
+        instead of now. Raises InvalidInput (a ValueError) or InvalidType (a TypeError) and records
+        nothing when an argument is bad.
+        """
+        if self._gate is not None:
+            self._gate()
+        self._tracker.track(workspace_id, user_id, allowed, denied, at)
+
+    @property
+    def replica_id(self) -> str:
+        return self.settings.replica_id
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running"
+
+    # ---- sync lifecycle (own thread and loop) ----------------------------------------------
+
+    def start(self) -> Aggregator:
+        """Start flushing and collecting in a background thread; returns self."""
+        with self._lifecycle:
+            if self._state == "running":
+                return self
+            self._refuse_if_stopped()
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name=f"aggregator-{self.replica_id}", daemon=True)
+            thread.start()
+            try:
+                asyncio.run_coroutine_threadsafe(self._open(), loop).result()
+            except BaseException:
+                loop.call_soon_threadsafe(loop.stop)
+                thread.join()
+                loop.close()
+                raise
+            self._loop, self._thread, self._mode, self._state = loop, thread, "thread", "running"
+            atexit.register(self._at_exit)
+            if self._handle_sigterm:
+                _install_sigterm_handler()
+        return self
+
+    def stop(self) -> None:
+        """Flush everything tracked, finish any collection in progress, and stop. Idempotent.
+
+        Raises StoreUnavailable if the final flush could not be made durable within ``stop_timeout``
+        (the events are then lost, and the error says how many).
+        """
+        if self._state == "new" and self._tracker.pending_events():
+            self.start()  # what was tracked before start() must not be lost either
+        with self._lifecycle:
+            if self._state != "running":
+                self._state = "stopped"
+                self._tracker.close()
+                return
+            if self._mode == "async":
+                raise exceptions.AggregatorError(
+                    "this Aggregator runs on an asyncio loop; stop it with `await agg.astop()`")
+            loop, thread = self._loop, self._thread
+            assert loop is not None and thread is not None
+            try:
+                asyncio.run_coroutine_threadsafe(self._close(), loop).result()
+            finally:
+                loop.call_soon_threadsafe(loop.stop)
+                thread.join()
+                loop.close()
+                atexit.unregister(self._at_exit)
+
+    def flush(self) -> None:
+        """Flush now; returns when everything tracked before the call is durable."""
+        if self._gate is not None:
+            self._gate()
+        self._call(self._flush_now)
+
+    def reports(self, since: Any = None) -> list[reports.Report]:
+        """Finished reports with window_start >= ``since`` (datetime or epoch), oldest first."""
+        if self._state == "running":
+            return self._call(lambda: self.areports(since))
+        return asyncio.run(self._reports_once(since))
+
+    def __enter__(self) -> Aggregator:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    # ---- async lifecycle (host's loop) -----------------------------------------------------
+
+    async def astart(self) -> Aggregator:
+        with self._lifecycle:
+            if self._state == "running":
+                return self
+            self._refuse_if_stopped()
+            self._state = "starting"
+        try:
+            await self._open()
+        except BaseException:
+            self._state = "new"
+            raise
+        self._loop, self._mode, self._state = asyncio.get_running_loop(), "async", "running"
+        return self
+
+    async def astop(self) -> None:
+        if self._state == "new" and self._tracker.pending_events():
+            await self.astart()
+        if self._state != "running":
+            self._state = "stopped"
+            self._tracker.close()
+            return
+        if self._mode == "thread":
+            await asyncio.to_thread(self.stop)
+            return
+        await self._close()
+
+    async def aflush(self) -> None:
+        self._require_running()
+        if self._mode == "thread":
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._flush_now(), self._loop))  # type: ignore[arg-type]
+            return
+        await self._flush_now()
+
+    async def areports(self, since: Any = None) -> list[reports.Report]:
+        if self._store is None:
+            return await self._reports_once(since)
+        rows = await self._store.reports(since=_since_epoch(since))
+        return [reports.Report.from_row(row) for row in rows]
+
+    async def acollect(self) -> list[reports.Report]:
+        """Run the collector once now (it also runs on its schedule); returns reports written here."""
+        self._require_running()
+        assert self._collector is not None
+        return await self._collector.run_once()
+
+    async def __aenter__(self) -> Aggregator:
+        return await self.astart()
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.astop()
+
+    # ---- status -------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Figures for health checks and metrics."""
+        out: dict[str, Any] = {"state": self._state, "replica_id": self.replica_id,
+                               "pending_events": self._tracker.pending_events()}
+        if self._flusher is not None:
+            out["unflushed_events"] = self._flusher.unflushed_events
+            out["flush"] = self._flusher.stats
+        if self._collector is not None:
+            out["collector"] = self._collector.stats
+        return out
+
+    # ---- inside the loop ----------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        s = self.settings
+        db = store.Store(s.database_url)
+        try:
+            await migrate.ensure_current(db, auto_upgrade=db.dialect == "sqlite")
+            await db.check_window(s.window_seconds)
+        except BaseException:
+            await db.close()
+            raise
+        self._store = db
+        self._flusher = flush.Flusher(self._tracker, db, replica_id=s.replica_id, clock=self._clock)
+        scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop())
+        scheduler.add_job(self._scheduled_flush, "interval", seconds=s.flush_interval, id="flush",
+                          max_instances=1, coalesce=True, misfire_grace_time=None)
+        if s.collect:
+            self._collector = collector.Collector(
+                db, collector_id=s.replica_id, grace=s.grace, id_retention=s.id_retention, clock=self._clock,
+                on_locked=self._on_collector_locked,
+            )
+            scheduler.add_job(self._scheduled_collect, "interval", seconds=s.collect_interval, id="collect",
+                              jitter=s.collect_interval / 2, max_instances=1, coalesce=True,
+                              misfire_grace_time=None)
+        scheduler.start()
+        self._scheduler = scheduler
+        log.info("started", replica_id=s.replica_id, database=db.masked_url, window_s=s.window_seconds,
+                 flush_interval_s=s.flush_interval, grace_s=s.grace, collect=s.collect)
+
+    async def _close(self) -> None:
+        assert self._store is not None and self._flusher is not None
+        self._tracker.close()
+        self._state = "stopping"
+        try:
+            if self._scheduler is not None:
+                # apscheduler cancels running jobs on shutdown: pause it, let a flush or collection in
+                # progress finish (they hold these locks), and only then shut it down.
+                self._scheduler.pause()
+                for busy in (self._collector and self._collector._lock, self._flusher._lock):
+                    if busy is not None:
+                        async with busy:
+                            pass
+                self._scheduler.shutdown(wait=False)
+            await self._final_flush()
+        finally:
+            await self._store.close()
+            self._state = "stopped"
+            log.info("stopped", replica_id=self.replica_id)
+
+    async def _final_flush(self) -> None:
+        assert self._flusher is not None
+        deadline = time.monotonic() + self.settings.stop_timeout
+        delay = 0.1
+        while True:
+            try:
+                await self._flusher.flush()
+                return
+            except exceptions.StoreError as exc:
+                if time.monotonic() + delay > deadline:
+                    lost = self._flusher.unflushed_events
+                    log.error("final_flush_failed", events_lost=lost, error=str(exc), replica_id=self.replica_id)
+                    raise exceptions.StoreUnavailable(
+                        f"stop(): the final flush failed for {self.settings.stop_timeout:g}s, {lost} tracked "
+                        f"events were not saved: {exc}"
+                    ) from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _flush_now(self) -> None:
+        assert self._flusher is not None
+        await self._flusher.flush()
+
+    async def _scheduled_flush(self) -> None:
+        """The periodic flush; on failure, retry sooner than the next interval, with backoff."""
+        try:
+            await self._flush_now()
+        except exceptions.StoreError:
+            s = self.settings
+            self._retry_delay = min(max(self._retry_delay * 2, 0.5), s.flush_interval)
+            if self._scheduler is not None and self._state == "running" and self._retry_delay < s.flush_interval:
+                self._scheduler.add_job(self._scheduled_flush, "date", id="flush-retry", replace_existing=True,
+                                        run_date=_in_seconds(self._retry_delay))
+        else:
+            self._retry_delay = 0.0
+
+    async def _scheduled_collect(self) -> None:
+        assert self._collector is not None
+        if self._state != "running":
+            return
+        try:
+            await self._collector.run_once()
+        except exceptions.StoreError:
+            pass  # logged by the collector; the window stays open for the next run
+
+    async def _reports_once(self, since: Any) -> list[reports.Report]:
+        db = store.Store(self.settings.database_url, pool_size=1)
+        try:
+            await migrate.ensure_current(db, auto_upgrade=db.dialect == "sqlite")
+            rows = await db.reports(since=_since_epoch(since))
+        finally:
+            await db.close()
+        return [reports.Report.from_row(row) for row in rows]
+
+    # ---- plumbing -----------------------------------------------------------------------------
+
+    def _call(self, fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Run a coroutine on this aggregator's loop from a synchronous caller and wait for it."""
+        self._require_running()
+        loop = self._loop
+        assert loop is not None
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise exceptions.AggregatorError(
+                "this call would block the event loop it needs; use the async form (aflush, areports)")
+        return asyncio.run_coroutine_threadsafe(fn(), loop).result()
+
+    def _require_running(self) -> None:
+        if self._state != "running":
+            raise exceptions.NotRunning(
+                f"Aggregator is {self._state}; call start() (or use `with`/`async with`) first")
+
+    def _refuse_if_stopped(self) -> None:
+        if self._state not in ("new",):
+            raise exceptions.NotRunning(
+                f"Aggregator is {self._state} and cannot be restarted; create a new Aggregator")
+
+    def _restart_after_fork(self) -> None:
+        with self._lifecycle:
+            if self._gate is None:
+                return
+            self._gate = None
+        self.start()
+
+    def _at_exit(self) -> None:
+        try:
+            self.stop()
+        except exceptions.AggregatorError as exc:
+            log.error("stop_at_exit_failed", error=str(exc))
+
+    def _reset_in_child(self) -> None:
+        """After fork: forget the parent's data, thread and connections; new replica identity."""
+        was_running_thread = self._state == "running" and self._mode == "thread"
+        self._tracker.reset_after_fork()
+        self._lifecycle = threading.Lock()
+        if self._auto_replica_id:
+            self.settings = _replace_replica_id(self.settings, config.new_replica_id())
+        # The parent's loop, thread and pooled connections belong to the parent; drop them unclosed.
+        self._loop = self._thread = self._store = self._flusher = self._collector = self._scheduler = None
+        self._mode = None
+        self._state = "new"
+        self._gate = self._restart_after_fork if was_running_thread else None
+
+
+def _replace_replica_id(settings: config.Settings, replica_id: str) -> config.Settings:
+    import dataclasses
+
+    return dataclasses.replace(settings, replica_id=replica_id)
+
+
+def _after_fork_in_child(ref: weakref.ReferenceType[Aggregator]) -> None:
+    agg = ref()
+    if agg is not None:
+        agg._reset_in_child()
+
+
+def _in_seconds(seconds: float) -> Any:
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=seconds)
+
+
+def _since_epoch(since: Any) -> int | None:
+    if since is None:
+        return None
+    return int(tracker.moment(since))
+
+
+def _install_sigterm_handler() -> None:
+    """Turn SIGTERM into SystemExit so atexit runs stop() and nothing tracked is lost.
+
+    Only when SIGTERM still has its default action (which kills without cleanup) and we are on the
+    main thread; a host that handles SIGTERM itself keeps its handler.
+    """
+    global _sigterm_installed
+    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    _sigterm_installed = True
+
+
+def _on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)

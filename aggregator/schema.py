@@ -1,0 +1,106 @@
+"""The declared schema: one MetaData, which alembic's migrations must reproduce exactly.
+
+Times of windows are whole epoch seconds (UTC); instants are epoch seconds as floats. Both are
+portable between SQLite and PostgreSQL and converted to aware datetimes at the edge (reports.py).
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# An auto-incrementing 64-bit key; SQLite needs INTEGER PRIMARY KEY for its rowid alias.
+_BigSerial = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+# Dimensions of the distinct sets kept per window.
+DIM_WORKSPACE = 1
+DIM_USER = 2
+
+meta = sa.Table(
+    "aggregator_meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(255), nullable=False),
+)
+
+windows = sa.Table(
+    "windows",
+    metadata,
+    sa.Column("window_start", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("window_end", sa.BigInteger, nullable=False),
+    # NULL while open; set in the same transaction that writes the window's report.
+    sa.Column("closed_at", sa.Float, nullable=True),
+)
+
+window_ids = sa.Table(
+    "window_ids",
+    metadata,
+    sa.Column("window_start", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("dim", sa.SmallInteger, primary_key=True, autoincrement=False),
+    sa.Column("id", sa.Uuid(as_uuid=True), primary_key=True),
+)
+
+contributions = sa.Table(
+    "contributions",
+    metadata,
+    sa.Column("window_start", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("replica_id", sa.String(200), primary_key=True),
+    sa.Column("allowed", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("denied", sa.BigInteger, nullable=False, server_default="0"),
+    # True once this replica flushed data that belongs to this window (not only late data into it).
+    sa.Column("ontime", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("late_allowed", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("late_denied", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("late_workspaces", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("late_users", sa.BigInteger, nullable=False, server_default="0"),
+)
+
+# One row per process incarnation: the sequence number of its last applied flush batch, written
+# in the batch's own transaction, so a retry after an ambiguous commit is recognised and skipped.
+flush_sequences = sa.Table(
+    "flush_sequences",
+    metadata,
+    sa.Column("writer_id", sa.Uuid(as_uuid=True), primary_key=True),
+    sa.Column("replica_id", sa.String(200), nullable=False),
+    sa.Column("last_seq", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+reports = sa.Table(
+    "reports",
+    metadata,
+    # The pull cursor: assigned under the collector lock, so id order is commit order.
+    sa.Column("id", _BigSerial, primary_key=True, autoincrement=True),
+    sa.Column("window_start", sa.BigInteger, nullable=False, unique=True),
+    sa.Column("window_end", sa.BigInteger, nullable=False),
+    sa.Column("unique_workspaces", sa.BigInteger, nullable=False),
+    sa.Column("unique_users", sa.BigInteger, nullable=False),
+    sa.Column("allowed_requests", sa.BigInteger, nullable=False),
+    sa.Column("denied_requests", sa.BigInteger, nullable=False),
+    sa.Column("replicas", sa.Integer, nullable=False),
+    sa.Column("late_allowed_requests", sa.BigInteger, nullable=False),
+    sa.Column("late_denied_requests", sa.BigInteger, nullable=False),
+    sa.Column("late_unique_workspaces", sa.BigInteger, nullable=False),
+    sa.Column("late_unique_users", sa.BigInteger, nullable=False),
+    sa.Column("generated_at", sa.Float, nullable=False),
+    sa.Column("generated_by", sa.String(200), nullable=False),
+)
+
+# A single row (id = 1) that a collector locks FOR UPDATE for the length of one collection
+# transaction: transaction-scoped, so it works through connection pools and dies with its holder.
+collector_lock = sa.Table(
+    "collector_lock",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("holder", sa.String(200), nullable=True),
+    sa.Column("acquired_at", sa.Float, nullable=True),
+)

@@ -1,0 +1,422 @@
+"""The SQL store: every statement aggregator runs, for SQLite and PostgreSQL.
+
+Two transactions carry the mechanism:
+
+* ``apply_batch`` (a replica's flush): checks the replica's flush sequence number, share-locks the
+  windows it writes to, inserts distinct ids (``ON CONFLICT DO NOTHING``, so the same id from two
+  replicas is stored once), adds counters, and records the sequence number, all in one commit. A
+  retry of a batch whose commit outcome was unknown finds its number already stored and is skipped.
+  Data for a window that is already reported is counted as late in the window open now.
+* ``collect_window`` (the collector): takes the collector lock row and the window row ``FOR UPDATE``
+  (transaction-scoped: works through pools, released when the holder dies), aggregates every
+  contribution, writes the report and closes the window in the same commit.
+
+On SQLite, ``BEGIN IMMEDIATE`` serialises writers across processes, which gives the same guarantees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from aggregator import config, exceptions, schema
+
+log = structlog.get_logger("aggregator.store")
+
+# A server-side limit on how long one of our transactions may sit idle holding locks (a stalled or
+# partitioned holder), so that another replica can take over its work.
+IDLE_IN_TRANSACTION_MS = 60_000
+LOCK_TIMEOUT_MS = 30_000
+SQLITE_BUSY_TIMEOUT_S = 60.0
+_SQLITE_CHUNK = 5_000
+
+
+@dataclasses.dataclass(slots=True)
+class BatchWindow:
+    """One window's part of a flush batch: ids not yet sent, and counter increments."""
+
+    workspaces: list[uuid.UUID]
+    users: list[uuid.UUID]
+    allowed: int
+    denied: int
+
+    def is_empty(self) -> bool:
+        return not (self.workspaces or self.users or self.allowed or self.denied)
+
+
+@dataclasses.dataclass(slots=True)
+class Batch:
+    """A flush batch with the sequence number that makes its application idempotent."""
+
+    seq: int
+    windows: dict[int, BatchWindow]
+    events: int
+
+
+@dataclasses.dataclass(slots=True)
+class BatchResult:
+    applied: bool  # False: this batch had been committed before (an ambiguous commit), skipped now
+    late_windows: list[int]  # windows of the batch that were already reported
+    late_target: int | None  # the open window the late data was counted in
+
+
+@contextlib.contextmanager
+def translate_errors(url: str) -> Any:
+    """Turn driver and network errors into our exceptions, without leaking the password."""
+    masked = config.mask_url(url)
+    password = sa.make_url(url).password
+    try:
+        yield
+    except exceptions.AggregatorError:
+        raise
+    except (sa.exc.IntegrityError, sa.exc.DataError) as exc:
+        raise exceptions.StoreError(_scrub(f"database {masked} rejected the operation: {_first_line(exc)}",
+                                           password)) from exc
+    except sa.exc.ProgrammingError as exc:
+        raise exceptions.SchemaOutdated(_scrub(
+            f"database {masked}: {_first_line(exc)}; is the schema current? run `aggregator db upgrade`",
+            password)) from exc
+    except (sa.exc.DBAPIError, sa.exc.InterfaceError, sa.exc.TimeoutError, OSError, TimeoutError) as exc:
+        raise exceptions.StoreUnavailable(_scrub(
+            f"database {masked} unavailable: {type(exc).__name__}: {_first_line(exc)}", password)) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip().splitlines()
+    return text[0] if text else type(orig).__name__
+
+
+def _scrub(message: str, password: str | None) -> str:
+    return message.replace(password, "***") if password else message
+
+
+class Store:
+    """The database behind one Aggregator: an async engine and the statements it runs."""
+
+    def __init__(self, url: str, *, pool_size: int = 5) -> None:
+        self.url = url
+        self.masked_url = config.mask_url(url)
+        parsed = sa.make_url(url)
+        self.dialect = parsed.get_backend_name()
+        with translate_errors(url):
+            if self.dialect == "sqlite":
+                Path(parsed.database or "").expanduser().parent.mkdir(parents=True, exist_ok=True)
+                self.engine = create_async_engine(
+                    url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, pool_size=pool_size
+                )
+                _sqlite_setup(self.engine)
+            else:
+                self.engine = create_async_engine(
+                    url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
+                    connect_args={"timeout": 10, "command_timeout": 300,
+                                  "server_settings": {"application_name": "aggregator"}},
+                )
+        self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        """One transaction; driver errors (including on commit) become our exceptions."""
+        with translate_errors(self.url):
+            async with self.engine.begin() as conn:
+                if self.dialect == "postgresql":
+                    await conn.exec_driver_sql(
+                        "SELECT set_config('idle_in_transaction_session_timeout', $1, true), "
+                        "set_config('lock_timeout', $2, true)",
+                        (str(IDLE_IN_TRANSACTION_MS), str(LOCK_TIMEOUT_MS)),
+                    )
+                yield conn
+
+    # ---- settings shared by all replicas -------------------------------------------------------
+
+    async def check_window(self, window: int) -> None:
+        """Record the window length on first use; refuse a replica configured differently."""
+        async with self.transaction() as conn:
+            stored = await conn.scalar(sa.select(schema.meta.c.value).where(schema.meta.c.key == "window_seconds"))
+            if stored is None:
+                await conn.execute(
+                    self._insert(schema.meta).values(key="window_seconds", value=str(window)).on_conflict_do_nothing()
+                )
+                stored = await conn.scalar(
+                    sa.select(schema.meta.c.value).where(schema.meta.c.key == "window_seconds"))
+            if int(stored) != window:
+                raise exceptions.ConfigError(
+                    f"window={window}s differs from the {stored}s window this database "
+                    f"({self.masked_url}) aggregates; every replica must use window='{stored}s', "
+                    "or point this one at another database"
+                )
+
+    # ---- flush -------------------------------------------------------------------------------
+
+    async def apply_batch(self, batch: Batch, *, writer_id: uuid.UUID, replica_id: str, window: int,
+                          now: float) -> BatchResult:
+        """Apply one flush batch exactly once (see the module docstring)."""
+        result = BatchResult(applied=False, late_windows=[], late_target=None)
+        current = int(now // window) * window
+        async with self.transaction() as conn:
+            last_seq = await self._lock_sequence(conn, writer_id, replica_id, now)
+            if last_seq >= batch.seq:
+                return result
+            starts = sorted(set(batch.windows) | {current})
+            closed = await self._share_windows(conn, starts, window)
+            for start in sorted(batch.windows):
+                part = batch.windows[start]
+                if part.is_empty():
+                    continue
+                if start not in closed:
+                    await self._insert_ids(conn, start, schema.DIM_WORKSPACE, part.workspaces)
+                    await self._insert_ids(conn, start, schema.DIM_USER, part.users)
+                    await self._add_contribution(conn, start, replica_id, ontime=True,
+                                                 allowed=part.allowed, denied=part.denied)
+                    continue
+                # Late: the ids still join their own window's set (so they are never counted twice),
+                # and what they add is reported in the window that is open now.
+                if result.late_target is None:
+                    result.late_target = await self._open_window_from(conn, current, window, closed)
+                new_workspaces = await self._insert_ids(conn, start, schema.DIM_WORKSPACE, part.workspaces,
+                                                        count_new=True)
+                new_users = await self._insert_ids(conn, start, schema.DIM_USER, part.users, count_new=True)
+                await self._add_contribution(conn, result.late_target, replica_id, ontime=False,
+                                             late_allowed=part.allowed, late_denied=part.denied,
+                                             late_workspaces=new_workspaces, late_users=new_users)
+                result.late_windows.append(start)
+            await conn.execute(
+                sa.update(schema.flush_sequences)
+                .where(schema.flush_sequences.c.writer_id == writer_id)
+                .values(last_seq=batch.seq, updated_at=now)
+            )
+        result.applied = True
+        return result
+
+    async def _lock_sequence(self, conn: AsyncConnection, writer_id: uuid.UUID, replica_id: str,
+                             now: float) -> int:
+        table = schema.flush_sequences
+        await conn.execute(
+            self._insert(table)
+            .values(writer_id=writer_id, replica_id=replica_id, last_seq=0, updated_at=now)
+            .on_conflict_do_nothing()
+        )
+        last = await conn.scalar(
+            sa.select(table.c.last_seq).where(table.c.writer_id == writer_id).with_for_update()
+        )
+        return int(last)
+
+    async def _share_windows(self, conn: AsyncConnection, starts: Sequence[int], window: int) -> set[int]:
+        """Create the window rows if needed and share-lock them (in order); return the closed ones."""
+        await conn.execute(
+            self._insert(schema.windows)
+            .values([{"window_start": s, "window_end": s + window} for s in starts])
+            .on_conflict_do_nothing()
+        )
+        rows = await conn.execute(
+            sa.select(schema.windows.c.window_start, schema.windows.c.closed_at)
+            .where(schema.windows.c.window_start.in_(starts))
+            .order_by(schema.windows.c.window_start)
+            .with_for_update(read=True)
+        )
+        return {start for start, closed_at in rows if closed_at is not None}
+
+    async def _open_window_from(self, conn: AsyncConnection, start: int, window: int, closed: set[int]) -> int:
+        """The first window from ``start`` on that is not reported (normally ``start`` itself)."""
+        while start in closed:
+            start += window
+            closed |= await self._share_windows(conn, [start], window)
+        return start
+
+    async def _insert_ids(self, conn: AsyncConnection, start: int, dim: int, ids: Sequence[uuid.UUID],
+                          *, count_new: bool = False) -> int:
+        """Insert ids into the window's distinct set; with ``count_new``, return how many were new."""
+        if not ids:
+            return 0
+        if self.dialect == "postgresql":
+            # Sorted, so concurrent flushes insert overlapping ids in one order and cannot deadlock.
+            sql = (
+                "INSERT INTO window_ids (window_start, dim, id) "
+                "SELECT CAST(:start AS BIGINT), CAST(:dim AS SMALLINT), x "
+                "FROM unnest(CAST(:ids AS UUID[])) AS x ORDER BY x ON CONFLICT DO NOTHING"
+            )
+            statement = sa.text(sql + (" RETURNING 1" if count_new else "")).bindparams(
+                sa.bindparam("ids", type_=postgresql.ARRAY(sa.Uuid(as_uuid=True)))
+            )
+            result = await conn.execute(statement, {"start": start, "dim": dim, "ids": sorted(ids)})
+            return len(result.fetchall()) if count_new else 0
+        before = await conn.scalar(sa.text("SELECT total_changes()")) if count_new else 0
+        statement = self._insert(schema.window_ids).on_conflict_do_nothing()
+        for offset in range(0, len(ids), _SQLITE_CHUNK):
+            await conn.execute(
+                statement, [{"window_start": start, "dim": dim, "id": i} for i in ids[offset:offset + _SQLITE_CHUNK]]
+            )
+        if not count_new:
+            return 0
+        return int(await conn.scalar(sa.text("SELECT total_changes()"))) - int(before)
+
+    async def _add_contribution(self, conn: AsyncConnection, start: int, replica_id: str, *, ontime: bool,
+                                **counts: int) -> None:
+        table = schema.contributions
+        statement = self._insert(table).values(window_start=start, replica_id=replica_id, ontime=ontime, **counts)
+        increments: dict[str, Any] = {name: table.c[name] + statement.excluded[name] for name in counts}
+        if ontime:
+            increments["ontime"] = sa.true()
+        await conn.execute(
+            statement.on_conflict_do_update(index_elements=[table.c.window_start, table.c.replica_id],
+                                            set_=increments)
+        )
+
+    # ---- collect -----------------------------------------------------------------------------
+
+    async def due_windows(self, now: float, grace: float) -> list[int]:
+        """Open windows whose end plus grace has passed, oldest first."""
+        async with self.engine.connect() as conn, _translated(self.url):
+            rows = await conn.execute(
+                sa.select(schema.windows.c.window_start)
+                .where(schema.windows.c.closed_at.is_(None), schema.windows.c.window_end <= now - grace)
+                .order_by(schema.windows.c.window_start)
+            )
+            return [start for (start,) in rows]
+
+    async def collect_window(self, start: int, *, collector_id: str, now: float,
+                             on_locked: Any = None) -> dict[str, Any] | None:
+        """Write the report of window ``start`` and close it, if nobody has; returns the report row.
+
+        Returns None when another collector holds the lock or the window is already reported.
+        ``on_locked`` (an async callable) runs once the locks are held; tests use it to kill a
+        collector at the worst moment.
+        """
+        async with self.transaction() as conn:
+            lock = schema.collector_lock
+            held = await conn.scalar(
+                sa.select(lock.c.id).where(lock.c.id == 1).with_for_update(skip_locked=True)
+            )
+            if held is None:
+                return None
+            closed_at = await conn.execute(
+                sa.select(schema.windows.c.closed_at, schema.windows.c.window_end)
+                .where(schema.windows.c.window_start == start)
+                .with_for_update()
+            )
+            row = closed_at.first()
+            if row is None or row.closed_at is not None:
+                return None
+            await conn.execute(sa.update(lock).where(lock.c.id == 1).values(holder=collector_id, acquired_at=now))
+            if on_locked is not None:
+                await on_locked()
+            report = await self._aggregate(conn, start, row.window_end)
+            report.update(generated_at=now, generated_by=collector_id)
+            report["id"] = await conn.scalar(sa.insert(schema.reports).values(**report).returning(schema.reports.c.id))
+            await conn.execute(
+                sa.update(schema.windows).where(schema.windows.c.window_start == start).values(closed_at=now)
+            )
+        return report
+
+    async def _aggregate(self, conn: AsyncConnection, start: int, end: int) -> dict[str, Any]:
+        ids = schema.window_ids
+        uniques = dict(
+            (await conn.execute(
+                sa.select(ids.c.dim, sa.func.count()).where(ids.c.window_start == start).group_by(ids.c.dim)
+            )).all()
+        )
+        c = schema.contributions
+        sums = (await conn.execute(
+            sa.select(
+                sa.func.coalesce(sa.func.sum(c.c.allowed), 0),
+                sa.func.coalesce(sa.func.sum(c.c.denied), 0),
+                sa.func.count().filter(c.c.ontime),
+                sa.func.coalesce(sa.func.sum(c.c.late_allowed), 0),
+                sa.func.coalesce(sa.func.sum(c.c.late_denied), 0),
+                sa.func.coalesce(sa.func.sum(c.c.late_workspaces), 0),
+                sa.func.coalesce(sa.func.sum(c.c.late_users), 0),
+            ).where(c.c.window_start == start)
+        )).one()
+        return {
+            "window_start": start,
+            "window_end": end,
+            "unique_workspaces": int(uniques.get(schema.DIM_WORKSPACE, 0)),
+            "unique_users": int(uniques.get(schema.DIM_USER, 0)),
+            "allowed_requests": int(sums[0]),
+            "denied_requests": int(sums[1]),
+            "replicas": int(sums[2]),
+            "late_allowed_requests": int(sums[3]),
+            "late_denied_requests": int(sums[4]),
+            "late_unique_workspaces": int(sums[5]),
+            "late_unique_users": int(sums[6]),
+        }
+
+    async def prune(self, *, before: float, now: float) -> int:
+        """Drop distinct ids and contributions of reported windows that ended before ``before``.
+
+        Window rows stay (they are tiny) so that a very late flush still finds its window closed.
+        """
+        old = sa.select(schema.windows.c.window_start).where(
+            schema.windows.c.closed_at.is_not(None), schema.windows.c.window_end < before
+        )
+        async with self.transaction() as conn:
+            deleted = (await conn.execute(sa.delete(schema.window_ids).where(schema.window_ids.c.window_start.in_(old)))).rowcount
+            await conn.execute(sa.delete(schema.contributions).where(schema.contributions.c.window_start.in_(old)))
+            await conn.execute(sa.delete(schema.flush_sequences).where(schema.flush_sequences.c.updated_at < before))
+        return int(deleted or 0)
+
+    # ---- read --------------------------------------------------------------------------------
+
+    async def reports(self, *, since: int | None = None, after_id: int | None = None,
+                      limit: int | None = None) -> list[dict[str, Any]]:
+        """Report rows, oldest window first; ``since`` filters on window start, ``after_id`` on the cursor."""
+        r = schema.reports
+        query = sa.select(r)
+        if since is not None:
+            query = query.where(r.c.window_start >= since).order_by(r.c.window_start)
+        else:
+            query = query.order_by(r.c.id if after_id is not None else r.c.window_start)
+        if after_id is not None:
+            query = query.where(r.c.id > after_id)
+        if limit is not None:
+            query = query.limit(limit)
+        async with self.engine.connect() as conn, _translated(self.url):
+            return [dict(row._mapping) for row in await conn.execute(query)]
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn, _translated(self.url):
+            await conn.execute(sa.text("SELECT 1"))
+
+
+@contextlib.asynccontextmanager
+async def _translated(url: str) -> AsyncIterator[None]:
+    with translate_errors(url):
+        yield
+
+
+def _sqlite_setup(engine: AsyncEngine) -> None:
+    """WAL, a generous busy timeout, full fsync, and ``BEGIN IMMEDIATE`` for every transaction.
+
+    IMMEDIATE takes the write lock up front: two processes cannot both read under a shared lock and
+    then deadlock upgrading it, and a flush and a collection of one window are strictly ordered.
+    """
+
+    @sa.event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = FULL")
+        cursor.close()
+
+    @sa.event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def sorted_uuids(values: Iterable[int]) -> list[uuid.UUID]:
+    """``UUID.int`` values as sorted UUIDs, the form the store inserts."""
+    return [uuid.UUID(int=v) for v in sorted(values)]

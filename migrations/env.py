@@ -1,0 +1,41 @@
+"""Alembic environment: runs on a connection handed over by aggregator.migrate, or on its own."""
+
+from __future__ import annotations
+
+import asyncio
+
+from alembic import context
+from sqlalchemy.engine import Connection
+
+from aggregator import config, schema, store
+
+
+def run_on(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=schema.metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def run_standalone() -> None:
+    """`alembic upgrade head` from a checkout: the URL comes from AGGREGATOR_DATABASE_URL."""
+    from aggregator import migrate
+
+    db = store.Store(config.resolve_database_url(None))
+    try:
+        await migrate.run_locked(db, run_on)
+    finally:
+        await db.close()
+
+
+if context.is_offline_mode():
+    raise SystemExit("offline (--sql) migrations are not supported; run `aggregator db upgrade`")
+connection = context.config.attributes.get("connection")
+if connection is None:
+    asyncio.run(run_standalone())
+else:
+    run_on(connection)
