@@ -150,6 +150,10 @@ class Aggregator:
             self._gate()
         self._call(self._flush_now)
 
+    def collect(self) -> list[reports.Report]:
+        """Run the collector once now (it also runs on its schedule); returns the reports it wrote."""
+        return self._call(self.acollect)
+
     def reports(self, since: Any = None) -> list[reports.Report]:
         """Finished reports with window_start >= ``since`` (datetime or epoch), oldest first."""
         if self._state == "running":
@@ -206,7 +210,8 @@ class Aggregator:
     async def acollect(self) -> list[reports.Report]:
         """Run the collector once now (it also runs on its schedule); returns reports written here."""
         self._require_running()
-        assert self._collector is not None
+        if self._collector is None:
+            raise exceptions.NotRunning("this Aggregator was created with collect=False")
         return await self._collector.run_once()
 
     async def __aenter__(self) -> Aggregator:

@@ -104,6 +104,7 @@ class Store:
     """The database behind one Aggregator: an async engine and the statements it runs."""
 
     def __init__(self, url: str, *, pool_size: int = 5) -> None:
+        url = config.resolve_database_url(url)  # plain postgresql:// and sqlite:// get async drivers
         self.url = url
         self.masked_url = config.mask_url(url)
         parsed = sa.make_url(url)
