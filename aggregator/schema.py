@@ -95,8 +95,8 @@ reports = sa.Table(
     sa.Column("generated_by", sa.String(200), nullable=False),
 )
 
-# A single row (id = 1) that a collector locks FOR UPDATE for the length of one collection
-# transaction: transaction-scoped, so it works through connection pools and dies with its holder.
+# A single row (id = 1) that a collector locks FOR UPDATE from its report insert to its commit, so
+# reports get ids in commit order. Transaction-scoped: works through pools, dies with its holder.
 collector_lock = sa.Table(
     "collector_lock",
     metadata,

@@ -7,9 +7,9 @@ Two transactions carry the mechanism:
   replicas is stored once), adds counters, and records the sequence number, all in one commit. A
   retry of a batch whose commit outcome was unknown finds its number already stored and is skipped.
   Data for a window that is already reported is counted as late in the window open now.
-* ``collect_window`` (the collector): takes the collector lock row and the window row ``FOR UPDATE``
-  (transaction-scoped: works through pools, released when the holder dies), aggregates every
-  contribution, writes the report and closes the window in the same commit.
+* ``collect_window`` (the collector): locks the window row ``FOR UPDATE SKIP LOCKED`` (transaction-
+  scoped: works through pools, released when the holder dies), aggregates every contribution, then
+  takes the collector lock row to write the report and close the window in the same commit.
 
 On SQLite, ``BEGIN IMMEDIATE`` serialises writers across processes, which gives the same guarantees.
 """
@@ -123,6 +123,8 @@ class Store:
                                   "server_settings": {"application_name": "aggregator"}},
                 )
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        # Reads: on SQLite a deferred BEGIN, so they run beside a writer (WAL) instead of queueing.
+        self.reader = self.engine.execution_options(aggregator_read_only=True)
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -144,15 +146,16 @@ class Store:
 
     async def check_window(self, window: int) -> None:
         """Record the window length on first use; refuse a replica configured differently."""
-        async with self.transaction() as conn:
-            stored = await conn.scalar(sa.select(schema.meta.c.value).where(schema.meta.c.key == "window_seconds"))
-            if stored is None:
+        query = sa.select(schema.meta.c.value).where(schema.meta.c.key == "window_seconds")
+        async with self.reader.connect() as conn, _translated(self.url):
+            stored = await conn.scalar(query)
+        if stored is None:
+            async with self.transaction() as conn:
                 await conn.execute(
                     self._insert(schema.meta).values(key="window_seconds", value=str(window)).on_conflict_do_nothing()
                 )
-                stored = await conn.scalar(
-                    sa.select(schema.meta.c.value).where(schema.meta.c.key == "window_seconds"))
-            if int(stored) != window:
+                stored = await conn.scalar(query)
+        if int(stored) != window:
                 raise exceptions.ConfigError(
                     f"window={window}s differs from the {stored}s window this database "
                     f"({self.masked_url}) aggregates; every replica must use window='{stored}s', "
@@ -279,7 +282,7 @@ class Store:
 
     async def due_windows(self, now: float, grace: float) -> list[int]:
         """Open windows whose end plus grace has passed, oldest first."""
-        async with self.engine.connect() as conn, _translated(self.url):
+        async with self.reader.connect() as conn, _translated(self.url):
             rows = await conn.execute(
                 sa.select(schema.windows.c.window_start)
                 .where(schema.windows.c.closed_at.is_(None), schema.windows.c.window_end <= now - grace)
@@ -291,30 +294,27 @@ class Store:
                              on_locked: Any = None) -> dict[str, Any] | None:
         """Write the report of window ``start`` and close it, if nobody has; returns the report row.
 
-        Returns None when another collector holds the lock or the window is already reported.
+        Returns None when another collector is collecting it or it is already reported.
         ``on_locked`` (an async callable) runs once the locks are held; tests use it to kill a
         collector at the worst moment.
         """
         async with self.transaction() as conn:
-            lock = schema.collector_lock
-            held = await conn.scalar(
-                sa.select(lock.c.id).where(lock.c.id == 1).with_for_update(skip_locked=True)
-            )
-            if held is None:
-                return None
-            closed_at = await conn.execute(
+            # The window row, skipped if locked: another collector is on it (or a late flush is).
+            locked = await conn.execute(
                 sa.select(schema.windows.c.closed_at, schema.windows.c.window_end)
                 .where(schema.windows.c.window_start == start)
-                .with_for_update()
+                .with_for_update(skip_locked=True)
             )
-            row = closed_at.first()
+            row = locked.first()
             if row is None or row.closed_at is not None:
                 return None
-            await conn.execute(sa.update(lock).where(lock.c.id == 1).values(holder=collector_id, acquired_at=now))
             if on_locked is not None:
                 await on_locked()
             report = await self._aggregate(conn, start, row.window_end)
             report.update(generated_at=now, generated_by=collector_id)
+            # Serialise report inserts until commit, so report ids (the pull cursor) follow commit order.
+            lock = schema.collector_lock
+            await conn.execute(sa.update(lock).where(lock.c.id == 1).values(holder=collector_id, acquired_at=now))
             report["id"] = await conn.scalar(sa.insert(schema.reports).values(**report).returning(schema.reports.c.id))
             await conn.execute(
                 sa.update(schema.windows).where(schema.windows.c.window_start == start).values(closed_at=now)
@@ -383,11 +383,11 @@ class Store:
             query = query.where(r.c.id > after_id)
         if limit is not None:
             query = query.limit(limit)
-        async with self.engine.connect() as conn, _translated(self.url):
+        async with self.reader.connect() as conn, _translated(self.url):
             return [dict(row._mapping) for row in await conn.execute(query)]
 
     async def ping(self) -> None:
-        async with self.engine.connect() as conn, _translated(self.url):
+        async with self.reader.connect() as conn, _translated(self.url):
             await conn.execute(sa.text("SELECT 1"))
 
 
@@ -415,7 +415,7 @@ def _sqlite_setup(engine: AsyncEngine) -> None:
 
     @sa.event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("aggregator_read_only") else "BEGIN IMMEDIATE")
 
 
 def sorted_uuids(values: Iterable[int]) -> list[uuid.UUID]:

@@ -1,0 +1,196 @@
+"""Scenarios with real processes and signals, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from aggregator import Aggregator
+from tests import procs
+from tests.helpers import GRACE, T0, WINDOW, FakeClock, by_window, ids, manual, total_requests
+
+SPAWN = multiprocessing.get_context("spawn")
+WS, USERS = ids(5), ids(50, offset=1000)
+
+
+def _far_future_reader(url: str) -> Aggregator:
+    """A collector whose clock is past every window the test could have written."""
+    return Aggregator(database_url=url, window=f"{WINDOW}s", grace=f"{GRACE}s", flush_interval="1h",
+                      collect_interval="1h", clock=lambda: time.time() + 10 * WINDOW, handle_sigterm=False)
+
+
+def test_collectors_in_several_processes_write_one_report_per_window(database_url: str) -> None:
+    """Four collector processes start together over five due windows: five reports, no more."""
+    clock = FakeClock()
+    with manual(database_url, clock, replica_id="writer") as writer:
+        for w in range(5):
+            for k in range(w + 1):
+                writer.track(WS[0], USERS[k], allowed=2, at=T0 + w * WINDOW + 1)
+        writer.flush()
+    out = SPAWN.Queue()
+    start_at = time.time() + 3
+    workers = [SPAWN.Process(target=procs.collect_at_once, args=(database_url, start_at, out)) for _ in range(4)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(60)
+    assert [p.exitcode for p in workers] == [0] * 4
+    assert sum(out.get(timeout=5) for _ in workers) == 5
+    final = manual(database_url, clock).reports()
+    assert [(r.unique_users, r.allowed_requests) for r in final] == [(k, 2 * k) for k in range(1, 6)]
+
+
+def test_collector_killed_holding_the_lock_loses_no_window(database_url: str, tmp_path: Path) -> None:
+    """SIGKILL a collector after it took the lock: its transaction dies with it; another reports, once."""
+    clock = FakeClock()
+    with manual(database_url, clock, replica_id="writer") as writer:
+        writer.track(WS[0], USERS[0], allowed=3)
+        writer.track(WS[1], USERS[1], allowed=0, denied=1)
+        writer.flush()
+    clock.past_window(T0)
+    ready = tmp_path / "locked"
+    with manual(database_url, clock, replica_id="survivor") as survivor:
+        doomed = SPAWN.Process(target=procs.hang_after_taking_the_lock, args=(database_url, str(ready)))
+        doomed.start()
+        deadline = time.time() + 60
+        while not ready.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), "the collector never took the lock"
+        assert survivor.reports() == []  # reads are not blocked by the lock holder
+        if database_url.startswith("postgresql"):
+            assert survivor.collect() == []  # the lock is held: skipped, not blocked
+        os.kill(doomed.pid, signal.SIGKILL)
+        doomed.join(10)
+        written: list = []
+        deadline = time.time() + 30
+        while not written and time.time() < deadline:
+            written = survivor.collect()
+            time.sleep(0.1)
+        final = survivor.reports()
+    assert [(r.allowed_requests, r.denied_requests, r.unique_users, r.generated_by) for r in final] == [
+        (3, 1, 2, "survivor")]
+
+
+def test_sigterm_flushes_everything_tracked(database_url: str) -> None:
+    """SIGTERM to a process using the default handling: every accepted track() is reported."""
+    counter = SPAWN.Value("q", 0)
+    child = SPAWN.Process(target=procs.track_until_signalled, args=(database_url, counter, "1h", True))
+    child.start()
+    deadline = time.time() + 30
+    while counter.value < 20_000 and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGTERM)
+    child.join(30)
+    assert child.exitcode == 128 + signal.SIGTERM
+    with _far_future_reader(database_url) as reader:
+        reader.collect()
+        reported = total_requests(reader.reports())
+    assert counter.value >= 20_000
+    assert reported == counter.value
+
+
+def test_sigkill_loses_at_most_the_unflushed_interval(database_url: str, record_property: object) -> None:
+    """SIGKILL can only lose what was tracked since the last flush; measured, never over-counted."""
+    flush_interval = 0.5
+    counter = SPAWN.Value("q", 0)
+    child = SPAWN.Process(target=procs.track_until_signalled,
+                          args=(database_url, counter, f"{flush_interval}s", False))
+    child.start()
+    deadline = time.time() + 30
+    while counter.value < 1000 and time.time() < deadline:
+        time.sleep(0.05)
+    began, before = time.time(), counter.value
+    time.sleep(3)
+    rate = (counter.value - before) / (time.time() - began)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(10)
+    tracked = counter.value
+    with _far_future_reader(database_url) as reader:
+        reader.collect()
+        reported = total_requests(reader.reports())
+    lost = tracked - reported
+    print(f"\nSIGKILL: tracked {tracked}, reported {reported}, lost {lost} "
+          f"({lost / rate:.2f}s of traffic at {rate:.0f} events/s, flush interval {flush_interval}s)")
+    assert 0 <= lost <= rate * (flush_interval + 1.0)
+
+
+def test_fork_child_starts_empty_and_nothing_is_duplicated(database_url: str) -> None:
+    """After fork, the child has a new replica id and none of the parent's unflushed data."""
+    clock = FakeClock()
+    agg = manual(database_url, clock).start()
+    agg.track(WS[0], USERS[0], allowed=5)  # unflushed at fork time
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
+        pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            os.close(read)
+            agg.track(WS[1], USERS[1], allowed=7)
+            agg.flush()  # restarts the child's own background thread
+            os.write(write, agg.replica_id.encode())
+            agg.stop()
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    child_replica = os.read(read, 200).decode()
+    os.close(read)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    agg.stop()
+    clock.past_window(T0)
+    with manual(database_url, clock) as reader:
+        (report,) = reader.collect()
+    assert child_replica and child_replica != agg.replica_id
+    assert (report.allowed_requests, report.unique_users, report.replicas) == (12, 2, 2)
+
+
+@pytest.mark.slow
+def test_stress_processes_threads_short_windows(database_url: str) -> None:
+    """3 processes x 4 threads for 20 s, 2 s windows, 0.25 s flushes, every process collecting:
+    every report equals the ground truth the test recorded, and each window has exactly one report."""
+    window, duration = 2, 20.0
+    out = SPAWN.Queue()
+    workers = [SPAWN.Process(target=procs.stress_replica, args=(database_url, i, 4, window, duration, out))
+               for i in range(3)]
+    for p in workers:
+        p.start()
+    truths = [out.get(timeout=duration + 120) for _ in workers]
+    for p in workers:
+        p.join(30)
+    assert [p.exitcode for p in workers] == [0] * 3
+    truth: dict[int, list] = {}
+    for part in truths:
+        for start, (ws, users, allowed, denied) in part.items():
+            t = truth.setdefault(start, [set(), set(), 0, 0])
+            t[0] |= set(ws)
+            t[1] |= set(users)
+            t[2] += allowed
+            t[3] += denied
+    reader = Aggregator(database_url=database_url, window=f"{window}s", grace="4s", flush_interval="1h",
+                        collect_interval="1h", clock=lambda: time.time() + 60, handle_sigterm=False)
+    with reader:
+        reader.collect()
+        reports = reader.reports()
+    got = by_window(reports)
+    assert len(got) == len(reports), "more than one report for a window"
+    assert set(truth) <= set(got)
+    mismatches = [
+        (start, (r.unique_workspaces, r.unique_users, r.allowed_requests, r.denied_requests),
+         (len(t[0]), len(t[1]), t[2], t[3]))
+        for start, t in sorted(truth.items())
+        if (r := got[start]) and (r.unique_workspaces, r.unique_users, r.allowed_requests, r.denied_requests)
+        != (len(t[0]), len(t[1]), t[2], t[3])
+    ]
+    assert mismatches == []
+    assert sum(r.late_allowed_requests + r.late_denied_requests for r in reports) == 0
+    assert total_requests(reports) == sum(t[2] + t[3] for t in truth.values())
+    assert len(truth) >= duration / window - 1
