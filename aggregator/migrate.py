@@ -62,7 +62,7 @@ async def upgrade(db: store.Store, revision: str = "head") -> tuple[str | None, 
 
 
 async def current_revision(db: store.Store) -> str | None:
-    async with db.reader.connect() as conn, store._translated(db.url):
+    async with store.translated(db.url), db.reader.connect() as conn:
         return await conn.run_sync(lambda c: MigrationContext.configure(c).get_current_revision())
 
 

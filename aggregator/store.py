@@ -147,7 +147,7 @@ class Store:
     async def check_window(self, window: int) -> None:
         """Record the window length on first use; refuse a replica configured differently."""
         query = sa.select(schema.meta.c.value).where(schema.meta.c.key == "window_seconds")
-        async with self.reader.connect() as conn, _translated(self.url):
+        async with translated(self.url), self.reader.connect() as conn:
             stored = await conn.scalar(query)
         if stored is None:
             async with self.transaction() as conn:
@@ -282,7 +282,7 @@ class Store:
 
     async def due_windows(self, now: float, grace: float) -> list[int]:
         """Open windows whose end plus grace has passed, oldest first."""
-        async with self.reader.connect() as conn, _translated(self.url):
+        async with translated(self.url), self.reader.connect() as conn:
             rows = await conn.execute(
                 sa.select(schema.windows.c.window_start)
                 .where(schema.windows.c.closed_at.is_(None), schema.windows.c.window_end <= now - grace)
@@ -383,16 +383,16 @@ class Store:
             query = query.where(r.c.id > after_id)
         if limit is not None:
             query = query.limit(limit)
-        async with self.reader.connect() as conn, _translated(self.url):
+        async with translated(self.url), self.reader.connect() as conn:
             return [dict(row._mapping) for row in await conn.execute(query)]
 
     async def ping(self) -> None:
-        async with self.reader.connect() as conn, _translated(self.url):
+        async with translated(self.url), self.reader.connect() as conn:
             await conn.execute(sa.text("SELECT 1"))
 
 
 @contextlib.asynccontextmanager
-async def _translated(url: str) -> AsyncIterator[None]:
+async def translated(url: str) -> AsyncIterator[None]:
     with translate_errors(url):
         yield
 

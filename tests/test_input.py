@@ -1,0 +1,118 @@
+"""Bad input: a clear error naming the value, and nothing changes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import uuid
+
+import pytest
+from structlog.testing import capture_logs
+
+import aggregator
+from aggregator import Aggregator, AggregatorError, ConfigError, InvalidInput, InvalidType, StoreUnavailable
+from tests.helpers import T0, FakeClock, manual
+
+GOOD = uuid.UUID(int=1)
+
+
+@pytest.fixture
+def agg(tmp_path) -> Aggregator:  # noqa: ANN001
+    """Not started: tracking buffers in memory, so input checks need no database."""
+    return Aggregator(database_url=f"sqlite:///{tmp_path / 'x.db'}", handle_sigterm=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"workspace_id": "not-a-uuid"}, InvalidInput, "workspace_id='not-a-uuid' is not a UUID"),
+        ({"user_id": "123"}, InvalidInput, "user_id='123' is not a UUID"),
+        ({"user_id": 42}, InvalidType, "user_id=42 is a int, not a UUID"),
+        ({"workspace_id": None}, InvalidType, "workspace_id=None is a NoneType"),
+        ({"allowed": -1}, InvalidInput, "allowed=-1 is out of range"),
+        ({"denied": 2**40}, InvalidInput, "denied=1099511627776 is out of range"),
+        ({"allowed": 1.5}, InvalidType, "allowed=1.5 is a float"),
+        ({"denied": True}, InvalidType, "denied=True is a bool"),
+        ({"allowed": "3"}, InvalidType, "allowed='3' is a str"),
+        ({"at": dt.datetime(2026, 1, 1)}, InvalidInput, "naive datetime"),
+        ({"at": float("nan")}, InvalidInput, "at=nan is not a valid epoch"),
+    ],
+)
+def test_bad_track_arguments_raise_and_record_nothing(agg: Aggregator, kwargs: dict, error: type,
+                                                      message: str) -> None:
+    args = {"workspace_id": GOOD, "user_id": GOOD, "allowed": 1, "denied": 0} | kwargs
+    at = args.pop("at", None)
+    agg.track(GOOD, GOOD)
+    with pytest.raises(error, match=message.replace("(", r"\(").replace("[", r"\[")) as raised:
+        agg.track(**args, at=at)
+    assert isinstance(raised.value, AggregatorError)
+    assert agg.status()["pending_events"] == 1
+
+
+def test_value_and_type_errors_are_also_builtin_errors() -> None:
+    """Callers may catch ValueError / TypeError as they would for any Python API."""
+    assert issubclass(InvalidInput, ValueError) and issubclass(InvalidType, TypeError)
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_uuid_strings_and_objects_are_the_same_id(agg: Aggregator) -> None:
+    agg.track(str(GOOD), GOOD.hex)
+    agg.track(GOOD, GOOD)
+    (data,) = agg._tracker.take().values()
+    assert (data.workspaces, data.users, data.events) == ({GOOD.int}, {GOOD.int}, 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"window": "30 minutes"}, "window='30 minutes' is not a duration"),
+        ({"window": "7s"}, "window='7s' must be a whole number of seconds that divides a day"),
+        ({"window": "0s"}, "window='0s' must be longer than zero"),
+        ({"flush_interval": "soon"}, "flush_interval='soon' is not a duration"),
+        ({"grace": -5}, "grace=-5 must be longer than zero"),
+        ({"database_url": "mysql://u:secret@h/db"}, "backend 'mysql' is not supported"),
+        ({"database_url": "sqlite://"}, "in-memory SQLite database cannot be shared"),
+        ({"database_url": "::nonsense::"}, "is not a database URL"),
+        ({"replica_id": ""}, "replica_id='' must be a string of 1 to 200 characters"),
+    ],
+)
+def test_bad_settings_raise_config_error_naming_the_value(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as raised:
+        Aggregator(**kwargs, handle_sigterm=False)
+    assert "secret" not in str(raised.value)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_database_fails_start_without_leaking_the_password() -> None:
+    url = f"postgresql://svc:hunter2secret@127.0.0.1:{_closed_port()}/usage"
+    agg = Aggregator(database_url=url, handle_sigterm=False)
+    agg.track(GOOD, GOOD)
+    with capture_logs() as logs, pytest.raises(StoreUnavailable) as raised:
+        agg.start()
+    assert "127.0.0.1" in str(raised.value) and "svc:***@" in str(raised.value)
+    assert "hunter2secret" not in str(raised.value) + repr(logs)
+    assert not agg.running and agg.status()["pending_events"] == 1
+
+
+def test_flush_and_collect_need_a_started_aggregator(agg: Aggregator) -> None:
+    with pytest.raises(aggregator.NotRunning, match=r"call start\(\)"):
+        agg.flush()
+
+
+def test_public_names_are_exactly_these() -> None:
+    assert sorted(aggregator.__all__) == [
+        "Aggregator", "AggregatorError", "ConfigError", "InvalidInput", "InvalidType", "NotRunning",
+        "Report", "SchemaOutdated", "StoreError", "StoreUnavailable",
+    ]
+
+
+def test_a_stopped_aggregator_cannot_be_restarted(sqlite_url: str) -> None:
+    agg = manual(sqlite_url, FakeClock(T0 + 1)).start()
+    agg.stop()
+    with pytest.raises(aggregator.NotRunning, match="create a new Aggregator"):
+        agg.start()
