@@ -38,12 +38,12 @@ class Collector:
         self.stats = CollectorStats()
         self._clock = clock
         self._on_locked = on_locked
-        self._lock = asyncio.Lock()
+        self.busy = asyncio.Lock()  # held while a run is in progress; stop() waits on it
         self._last_prune = 0.0
 
     async def run_once(self) -> list[reports.Report]:
         """Collect every due window this replica can; returns the reports it wrote."""
-        async with self._lock:
+        async with self.busy:
             self.stats.runs += 1
             written: list[reports.Report] = []
             try:
@@ -77,6 +77,6 @@ class Collector:
         if now - self._last_prune < min(self.id_retention / 4, 3600):
             return
         self._last_prune = now
-        deleted = await self.store.prune(before=now - self.id_retention, now=now)
+        deleted = await self.store.prune(before=now - self.id_retention)
         if deleted:
             log.info("prune", ids_deleted=deleted, collector_id=self.collector_id)

@@ -49,7 +49,7 @@ class Flusher:
         self._unconfirmed: store.Batch | None = None
         self._unconfirmed_ids: dict[int, tuple[set[int], set[int]]] = {}
         self._sent: dict[int, tuple[set[int], set[int]]] = {}
-        self._lock = asyncio.Lock()
+        self.busy = asyncio.Lock()  # one flush at a time; stop() waits on it
 
     @property
     def unflushed_events(self) -> int:
@@ -58,7 +58,7 @@ class Flusher:
 
     async def flush(self) -> None:
         """Make everything tracked so far durable, or raise a StoreError leaving it queued."""
-        async with self._lock:
+        async with self.busy:
             if self._unconfirmed is not None:
                 await self._apply()
             self._unconfirmed, self._unconfirmed_ids = self._build(self.tracker.take())

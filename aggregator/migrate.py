@@ -58,7 +58,8 @@ async def upgrade(db: store.Store, revision: str = "head") -> tuple[str | None, 
         command.upgrade(alembic_config(connection), revision)
         return before, MigrationContext.configure(connection).get_current_revision()
 
-    return await run_locked(db, run)
+    before, after = await run_locked(db, run)
+    return before, after
 
 
 async def current_revision(db: store.Store) -> str | None:

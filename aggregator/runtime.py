@@ -21,7 +21,10 @@ from typing import Any, TypeVar
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from aggregator import collector, config, exceptions, flush, migrate, reports, store, tracker
+from aggregator import collector, config, exceptions, flush, migrate, store, tracker
+
+# The class has a method named `reports`; the type is imported by name so annotations stay unambiguous.
+from aggregator.reports import Report
 
 log = structlog.get_logger("aggregator")
 T = TypeVar("T")
@@ -150,11 +153,11 @@ class Aggregator:
             self._gate()
         self._call(self._flush_now)
 
-    def collect(self) -> list[reports.Report]:
+    def collect(self) -> list[Report]:
         """Run the collector once now (it also runs on its schedule); returns the reports it wrote."""
         return self._call(self.acollect)
 
-    def reports(self, since: Any = None) -> list[reports.Report]:
+    def reports(self, since: Any = None) -> list[Report]:
         """Finished reports with window_start >= ``since`` (datetime or epoch), oldest first."""
         if self._state == "running":
             return self._call(lambda: self.areports(since))
@@ -201,13 +204,13 @@ class Aggregator:
             return
         await self._flush_now()
 
-    async def areports(self, since: Any = None) -> list[reports.Report]:
+    async def areports(self, since: Any = None) -> list[Report]:
         if self._store is None:
             return await self._reports_once(since)
         rows = await self._store.reports(since=_since_epoch(since))
-        return [reports.Report.from_row(row) for row in rows]
+        return [Report.from_row(row) for row in rows]
 
-    async def acollect(self) -> list[reports.Report]:
+    async def acollect(self) -> list[Report]:
         """Run the collector once now (it also runs on its schedule); returns reports written here."""
         self._require_running()
         if self._collector is None:
@@ -271,7 +274,7 @@ class Aggregator:
                 # apscheduler cancels running jobs on shutdown: pause it, let a flush or collection in
                 # progress finish (they hold these locks), and only then shut it down.
                 self._scheduler.pause()
-                for busy in (self._collector and self._collector._lock, self._flusher._lock):
+                for busy in (self._collector.busy if self._collector else None, self._flusher.busy):
                     if busy is not None:
                         async with busy:
                             pass
@@ -327,14 +330,14 @@ class Aggregator:
         except exceptions.StoreError:
             pass  # logged by the collector; the window stays open for the next run
 
-    async def _reports_once(self, since: Any) -> list[reports.Report]:
+    async def _reports_once(self, since: Any) -> list[Report]:
         db = store.Store(self.settings.database_url, pool_size=1)
         try:
             await migrate.ensure_current(db, auto_upgrade=db.dialect == "sqlite")
             rows = await db.reports(since=_since_epoch(since))
         finally:
             await db.close()
-        return [reports.Report.from_row(row) for row in rows]
+        return [Report.from_row(row) for row in rows]
 
     # ---- plumbing -----------------------------------------------------------------------------
 

@@ -155,7 +155,7 @@ class Store:
                     self._insert(schema.meta).values(key="window_seconds", value=str(window)).on_conflict_do_nothing()
                 )
                 stored = await conn.scalar(query)
-        if int(stored) != window:
+        if int(str(stored)) != window:
                 raise exceptions.ConfigError(
                     f"window={window}s differs from the {stored}s window this database "
                     f"({self.masked_url}) aggregates; every replica must use window='{stored}s', "
@@ -215,7 +215,7 @@ class Store:
         last = await conn.scalar(
             sa.select(table.c.last_seq).where(table.c.writer_id == writer_id).with_for_update()
         )
-        return int(last)
+        return int(last or 0)
 
     async def _share_windows(self, conn: AsyncConnection, starts: Sequence[int], window: int) -> set[int]:
         """Create the window rows if needed and share-lock them (in order); return the closed ones."""
@@ -251,20 +251,21 @@ class Store:
                 "SELECT CAST(:start AS BIGINT), CAST(:dim AS SMALLINT), x "
                 "FROM unnest(CAST(:ids AS UUID[])) AS x ORDER BY x ON CONFLICT DO NOTHING"
             )
-            statement = sa.text(sql + (" RETURNING 1" if count_new else "")).bindparams(
+            text = sa.text(sql + (" RETURNING 1" if count_new else "")).bindparams(
                 sa.bindparam("ids", type_=postgresql.ARRAY(sa.Uuid(as_uuid=True)))
             )
-            result = await conn.execute(statement, {"start": start, "dim": dim, "ids": sorted(ids)})
+            result = await conn.execute(text, {"start": start, "dim": dim, "ids": sorted(ids)})
             return len(result.fetchall()) if count_new else 0
         before = await conn.scalar(sa.text("SELECT total_changes()")) if count_new else 0
-        statement = self._insert(schema.window_ids).on_conflict_do_nothing()
+        insert = self._insert(schema.window_ids).on_conflict_do_nothing()
         for offset in range(0, len(ids), _SQLITE_CHUNK):
             await conn.execute(
-                statement, [{"window_start": start, "dim": dim, "id": i} for i in ids[offset:offset + _SQLITE_CHUNK]]
+                insert, [{"window_start": start, "dim": dim, "id": i} for i in ids[offset:offset + _SQLITE_CHUNK]]
             )
         if not count_new:
             return 0
-        return int(await conn.scalar(sa.text("SELECT total_changes()"))) - int(before)
+        after = await conn.scalar(sa.text("SELECT total_changes()"))
+        return int(after or 0) - int(before or 0)
 
     async def _add_contribution(self, conn: AsyncConnection, start: int, replica_id: str, *, ontime: bool,
                                 **counts: int) -> None:
@@ -323,11 +324,11 @@ class Store:
 
     async def _aggregate(self, conn: AsyncConnection, start: int, end: int) -> dict[str, Any]:
         ids = schema.window_ids
-        uniques = dict(
-            (await conn.execute(
+        uniques: dict[int, int] = {
+            dim: n for dim, n in await conn.execute(
                 sa.select(ids.c.dim, sa.func.count()).where(ids.c.window_start == start).group_by(ids.c.dim)
-            )).all()
-        )
+            )
+        }
         c = schema.contributions
         sums = (await conn.execute(
             sa.select(
@@ -354,7 +355,7 @@ class Store:
             "late_unique_users": int(sums[6]),
         }
 
-    async def prune(self, *, before: float, now: float) -> int:
+    async def prune(self, *, before: float) -> int:
         """Drop distinct ids and contributions of reported windows that ended before ``before``.
 
         Window rows stay (they are tiny) so that a very late flush still finds its window closed.
@@ -363,7 +364,8 @@ class Store:
             schema.windows.c.closed_at.is_not(None), schema.windows.c.window_end < before
         )
         async with self.transaction() as conn:
-            deleted = (await conn.execute(sa.delete(schema.window_ids).where(schema.window_ids.c.window_start.in_(old)))).rowcount
+            ids = schema.window_ids
+            deleted = (await conn.execute(sa.delete(ids).where(ids.c.window_start.in_(old)))).rowcount
             await conn.execute(sa.delete(schema.contributions).where(schema.contributions.c.window_start.in_(old)))
             await conn.execute(sa.delete(schema.flush_sequences).where(schema.flush_sequences.c.updated_at < before))
         return int(deleted or 0)

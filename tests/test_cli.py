@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import T0, WINDOW, FakeClock, manual, ids
+from tests.helpers import T0, WINDOW, FakeClock, ids, manual
 
 
 def aggregator(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

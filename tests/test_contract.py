@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import threading
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -118,6 +119,56 @@ def test_database_error_during_flush_is_retried_without_loss(database_url: str,
         clock.past_window(T0)
         (report,) = agg.collect()
     assert (report.unique_workspaces, report.unique_users, report.allowed_requests) == (2, 2, 5)
+
+
+def test_postgresql_connection_killed_mid_flush_is_retried_without_loss(pg_url: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real failure: the server terminates the flush's connection inside its transaction."""
+    original = store.Store._add_contribution
+    kills = iter([True])
+
+    async def killed(self: store.Store, conn: object, *args: object, **kwargs: object) -> None:
+        if next(kills, False):
+            await conn.execute(sa.text("SELECT pg_terminate_backend(pg_backend_pid())"))  # type: ignore[attr-defined]
+        await original(self, conn, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store.Store, "_add_contribution", killed)
+    clock = FakeClock()
+    with manual(pg_url, clock) as agg:
+        agg.track(WS[0], USERS[0], allowed=4)
+        with pytest.raises(StoreUnavailable):
+            agg.flush()
+        agg.flush()  # a new pooled connection; the same batch, applied once
+        clock.past_window(T0)
+        (report,) = agg.collect()
+    assert (report.allowed_requests, report.unique_users) == (4, 1)
+
+
+def test_scheduled_flush_recovers_from_an_error_by_itself(database_url: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a failed scheduled flush, a retry comes sooner than the next interval, with no caller."""
+    original = store.Store.apply_batch
+    failures = iter([True])
+
+    async def flaky(self: store.Store, *args: object, **kwargs: object) -> store.BatchResult:
+        if next(failures, False):
+            raise StoreUnavailable("database restarting")
+        return await original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store.Store, "apply_batch", flaky)
+    clock = FakeClock()
+    with manual(database_url, clock, flush_interval="2s") as agg:
+        agg.track(WS[0], USERS[0], allowed=9)
+        deadline = time.monotonic() + 10
+        while agg.status()["flush"].failures == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        failed_at = time.monotonic()
+        while agg.status()["unflushed_events"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        recovered_after = time.monotonic() - failed_at
+        assert agg.status()["flush"].failures == 1
+        assert agg.status()["unflushed_events"] == 0
+    assert recovered_after < 1.5  # the first retry comes after 0.5 s, not after the 2 s interval
 
 
 def test_commit_that_reports_an_error_is_not_applied_twice(database_url: str,

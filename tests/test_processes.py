@@ -5,6 +5,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -93,6 +95,25 @@ def test_sigterm_flushes_everything_tracked(database_url: str) -> None:
         reported = total_requests(reader.reports())
     assert counter.value >= 20_000
     assert reported == counter.value
+
+
+def test_interpreter_exit_without_stop_flushes_everything(database_url: str) -> None:
+    """A program that starts an Aggregator, tracks, and simply ends: atexit makes it durable."""
+    script = (
+        "import uuid\n"
+        "from aggregator import Aggregator\n"
+        f"agg = Aggregator(database_url={database_url!r}, window='60s', flush_interval='1h', collect=False)\n"
+        "agg.start()\n"
+        "for i in range(1000):\n"
+        "    agg.track(uuid.UUID(int=1 + i % 7), uuid.UUID(int=100 + i % 13), allowed=2, denied=1)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    with _far_future_reader(database_url) as reader:
+        reader.collect()
+        reports = reader.reports()
+    assert total_requests(reports) == 3000
+    assert sum(r.unique_users for r in reports) >= 13
 
 
 def test_sigkill_loses_at_most_the_unflushed_interval(database_url: str, record_property: object) -> None:

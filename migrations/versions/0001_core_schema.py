@@ -1,15 +1,14 @@
 """Core schema: windows, distinct ids, contributions, flush sequences, reports, collector lock.
 
 Revision ID: 0001
-Revises: 
+Revises: (none)
 Create Date: 2026-11-24 18:48:27.380836
 """
 
 from __future__ import annotations
 
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0001'
 down_revision = None
