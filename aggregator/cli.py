@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from aggregator import config, exceptions, logs, migrate, reports, store
+from aggregator import config, exceptions, logs, migrate, reports, runtime
 
 
 def _env_option(parser: argparse.ArgumentParser, flag: str, env: str, help: str, **kwargs: Any) -> None:
@@ -69,14 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
-    async def run() -> tuple[str | None, str | None]:
-        db = store.Store(config.resolve_database_url(args.database_url))
-        try:
-            return await migrate.upgrade(db)
-        finally:
-            await db.close()
-
-    before, after = asyncio.run(run())
+    before, after = asyncio.run(migrate.upgrade_url(config.resolve_database_url(args.database_url)))
     url = config.mask_url(config.resolve_database_url(args.database_url))
     if before == after:
         print(f"{url}: schema already at {after}")
@@ -97,15 +90,7 @@ def _reports(args: argparse.Namespace) -> int:
                 f"--since={args.since!r} is not an ISO 8601 time; use e.g. 2026-01-31T12:00:00Z") from None
         since = int((parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)).timestamp())
 
-    async def run() -> list[reports.Report]:
-        db = store.Store(config.resolve_database_url(args.database_url), pool_size=1)
-        try:
-            await migrate.ensure_current(db, auto_upgrade=db.dialect == "sqlite")
-            return [reports.Report.from_row(row) for row in await db.reports(since=since)]
-        finally:
-            await db.close()
-
-    found = asyncio.run(run())
+    found = asyncio.run(runtime.read_reports(config.resolve_database_url(args.database_url), since))
     formatter = {"table": reports.format_table, "json": reports.format_json, "csv": reports.format_csv}[args.format]
     sys.stdout.write(formatter(found))
     return 0

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from aggregator import config, logs, migrate, reports, store
+from aggregator import config, logs, migrate, reports, runtime
 from aggregator.runtime import Aggregator
 
 POOL_WORKSPACES = 50
@@ -78,7 +78,7 @@ def run(*, replicas: int, window: float, duration: float, flush_interval: float,
         tmp = tempfile.TemporaryDirectory(prefix="aggregator-demo-")
         database_url = f"sqlite:///{Path(tmp.name) / 'demo.db'}"
     url = config.resolve_database_url(database_url)
-    asyncio.run(_upgrade(url))
+    asyncio.run(migrate.upgrade_url(url))
     print(f"aggregator demo: {replicas} replica processes, {window:g}s windows, {duration:g}s of traffic, "
           f"flush every {flush_interval:g}s, database {config.mask_url(url)}", flush=True)
     print("each report is shown as reported/truth; 'exact' means every figure matches\n", flush=True)
@@ -101,14 +101,6 @@ def run(*, replicas: int, window: float, duration: float, flush_interval: float,
         if tmp is not None:
             tmp.cleanup()
     return 0 if ok else 1
-
-
-async def _upgrade(url: str) -> None:
-    db = store.Store(url)
-    try:
-        await migrate.upgrade(db)
-    finally:
-        await db.close()
 
 
 def _watch(url: str, procs: list[Any], out: Any, replicas: int, window: float, deadline: float) -> bool:
@@ -137,7 +129,7 @@ def _watch(url: str, procs: list[Any], out: Any, replicas: int, window: float, d
         if any(p.exitcode not in (None, 0) for p in procs):
             print("a replica process failed; see its error above", file=sys.stderr)
             return False
-        finished = {r.window_start.timestamp(): r for r in asyncio.run(_read_reports(url))}
+        finished = {r.window_start.timestamp(): r for r in asyncio.run(runtime.read_reports(url))}
         for start in sorted(truths):
             report = finished.get(start)
             # Show a window once its report exists and every live replica has sent its truth for it.
@@ -159,14 +151,6 @@ def _watch(url: str, procs: list[Any], out: Any, replicas: int, window: float, d
         time.sleep(0.3)
     print(f"timed out waiting for reports of {sorted(set(truths) - shown)}", file=sys.stderr)
     return False
-
-
-async def _read_reports(url: str) -> list[reports.Report]:
-    db = store.Store(url, pool_size=1)
-    try:
-        return [reports.Report.from_row(row) for row in await db.reports()]
-    finally:
-        await db.close()
 
 
 def _print_row(report: reports.Report, truth: Truth) -> bool:

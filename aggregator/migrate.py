@@ -62,6 +62,15 @@ async def upgrade(db: store.Store, revision: str = "head") -> tuple[str | None, 
     return before, after
 
 
+async def upgrade_url(url: str, revision: str = "head") -> tuple[str | None, str | None]:
+    """``upgrade`` on a database given by URL, with a store of its own."""
+    db = store.Store(url, pool_size=1)
+    try:
+        return await upgrade(db, revision)
+    finally:
+        await db.close()
+
+
 async def current_revision(db: store.Store) -> str | None:
     async with store.translated(db.url), db.reader.connect() as conn:
         return await conn.run_sync(lambda c: MigrationContext.configure(c).get_current_revision())

@@ -161,7 +161,7 @@ class Aggregator:
         """Finished reports with window_start >= ``since`` (datetime or epoch), oldest first."""
         if self._state == "running":
             return self._call(lambda: self.areports(since))
-        return asyncio.run(self._reports_once(since))
+        return asyncio.run(read_reports(self.settings.database_url, since))
 
     def __enter__(self) -> Aggregator:
         return self.start()
@@ -206,7 +206,7 @@ class Aggregator:
 
     async def areports(self, since: Any = None) -> list[Report]:
         if self._store is None:
-            return await self._reports_once(since)
+            return await read_reports(self.settings.database_url, since)
         rows = await self._store.reports(since=_since_epoch(since))
         return [Report.from_row(row) for row in rows]
 
@@ -330,15 +330,6 @@ class Aggregator:
         except exceptions.StoreError:
             pass  # logged by the collector; the window stays open for the next run
 
-    async def _reports_once(self, since: Any) -> list[Report]:
-        db = store.Store(self.settings.database_url, pool_size=1)
-        try:
-            await migrate.ensure_current(db, auto_upgrade=db.dialect == "sqlite")
-            rows = await db.reports(since=_since_epoch(since))
-        finally:
-            await db.close()
-        return [Report.from_row(row) for row in rows]
-
     # ---- plumbing -----------------------------------------------------------------------------
 
     def _call(self, fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -390,6 +381,17 @@ class Aggregator:
         self._mode = None
         self._state = "new"
         self._gate = self._restart_after_fork if was_running_thread else None
+
+
+async def read_reports(database_url: str, since: Any = None) -> list[Report]:
+    """Finished reports from a database, without starting an Aggregator (CLI, demo, readers)."""
+    db = store.Store(database_url, pool_size=1)
+    try:
+        await migrate.ensure_current(db, auto_upgrade=db.dialect == "sqlite")
+        rows = await db.reports(since=_since_epoch(since))
+    finally:
+        await db.close()
+    return [Report.from_row(row) for row in rows]
 
 
 def _replace_replica_id(settings: config.Settings, replica_id: str) -> config.Settings:

@@ -23,7 +23,7 @@ import asyncpg
 import pytest
 import sqlalchemy as sa
 
-from aggregator import migrate, store
+from aggregator import migrate
 
 PG_ENV = "AGGREGATOR_TEST_DATABASE_URL"
 TEMPLATE = "aggregator_test_template"
@@ -31,14 +31,6 @@ TEMPLATE = "aggregator_test_template"
 
 def _run(coro):  # noqa: ANN001, ANN202 - tiny helper for sync fixtures
     return asyncio.run(coro)
-
-
-async def _upgrade(url: str) -> None:
-    db = store.Store(url)
-    try:
-        await migrate.upgrade(db)
-    finally:
-        await db.close()
 
 
 def _pg_binaries() -> str:
@@ -116,7 +108,7 @@ async def _admin(url: str, *statements: str) -> None:
 def pg_template(pg_admin_url: str) -> Iterator[str]:
     name = f"{TEMPLATE}_{os.getpid()}"
     _run(_admin(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}"', f'CREATE DATABASE "{name}"'))
-    _run(_upgrade(_with_database(pg_admin_url, name)))
+    _run(migrate.upgrade_url(_with_database(pg_admin_url, name)))
     yield name
     _run(_admin(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
@@ -124,7 +116,7 @@ def pg_template(pg_admin_url: str) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
-    _run(_upgrade(f"sqlite:///{path}"))
+    _run(migrate.upgrade_url(f"sqlite:///{path}"))
     return path
 
 

@@ -23,19 +23,11 @@ async def _diff(url: str) -> list:
         await db.close()
 
 
-async def _upgrade(url: str) -> tuple[str | None, str | None]:
-    db = store.Store(url)
-    try:
-        return await migrate.upgrade(db)
-    finally:
-        await db.close()
-
-
 @pytest.mark.parametrize("empty_database_url", ["sqlite", "postgresql"], indirect=True)
 def test_migrated_schema_equals_declared_metadata(empty_database_url: str) -> None:
-    assert asyncio.run(_upgrade(empty_database_url)) == (None, migrate.head_revision())
+    assert asyncio.run(migrate.upgrade_url(empty_database_url)) == (None, migrate.head_revision())
     assert asyncio.run(_diff(empty_database_url)) == []
-    assert asyncio.run(_upgrade(empty_database_url)) == (migrate.head_revision(),) * 2  # idempotent
+    assert asyncio.run(migrate.upgrade_url(empty_database_url)) == (migrate.head_revision(),) * 2  # idempotent
 
 
 @pytest.mark.parametrize("empty_database_url", ["postgresql"], indirect=True)
