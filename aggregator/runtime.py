@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
+import datetime as dt
 import functools
 import os
 import signal
@@ -395,8 +397,6 @@ async def read_reports(database_url: str, since: Any = None) -> list[Report]:
 
 
 def _replace_replica_id(settings: config.Settings, replica_id: str) -> config.Settings:
-    import dataclasses
-
     return dataclasses.replace(settings, replica_id=replica_id)
 
 
@@ -406,9 +406,7 @@ def _after_fork_in_child(ref: weakref.ReferenceType[Aggregator]) -> None:
         agg._reset_in_child()
 
 
-def _in_seconds(seconds: float) -> Any:
-    import datetime as dt
-
+def _in_seconds(seconds: float) -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=seconds)
 
 
