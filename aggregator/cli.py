@@ -1,4 +1,4 @@
-"""The ``aggregator`` command: ``db upgrade``, ``reports``, ``demo``.
+"""The ``aggregator`` command: ``run``, ``config check``, ``db upgrade``, ``reports``, ``demo``.
 
 Every option falls back to an ``AGGREGATOR_*`` environment variable; ``--help`` names it.
 Exit codes: 0 success, 1 failure at run time (database, a demo mismatch), 2 bad usage or settings.
@@ -23,9 +23,19 @@ def _env_option(parser: argparse.ArgumentParser, flag: str, env: str, help: str,
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aggregator", description=__doc__.split("\n\n")[0])
-    _env_option(parser, "--log-level", "AGGREGATOR_LOG_LEVEL", "log level (debug, info, warning, error)",
-                default="warning", choices=["debug", "info", "warning", "error"])
+    _env_option(parser, "--cli-log-level", "AGGREGATOR_CLI_LOG_LEVEL",
+                "log level of the short commands (`run` has its own --log-level)", default="warning",
+                choices=["debug", "info", "warning", "error"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="the daemon: collect windows, serve the HTTP API, stop cleanly on SIGTERM")
+    _daemon_options(run)
+    run.set_defaults(run=_run)
+    check = commands.add_parser("config", help="configuration").add_subparsers(
+        dest="config_command", required=True, metavar="CONFIG_COMMAND").add_parser(
+        "check", help="validate and print the effective configuration of `run`, secrets masked")
+    _daemon_options(check)
+    check.set_defaults(run=_config_check)
 
     db = commands.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True,
                                                                             metavar="DB_COMMAND")
@@ -52,10 +62,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _daemon_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, metavar="PATH",
+                        help=f"TOML file [env: AGGREGATOR_CONFIG; default: {config.DEFAULT_CONFIG_PATH} if present]")
+    for option in config.OPTIONS:
+        shown = "unset" if option.default in (None, "") else option.default
+        parser.add_argument(option.flag, dest=option.key, default=None, metavar=option.key.upper(),
+                            help=f"{option.help} [env: {option.env}; default: {shown}]")
+
+
+def _daemon_settings(args: argparse.Namespace) -> config.DaemonSettings:
+    flags = {option.key: getattr(args, option.key) for option in config.OPTIONS}
+    return config.load_daemon_settings(flags, config_path=args.config)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from aggregator import daemon  # the HTTP stack is imported only by the daemon
+
+    return daemon.main(_daemon_settings(args))
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    settings = _daemon_settings(args)
+    shown = settings.masked()
+    width = max(len(key) for key in shown)
+    for key, value in shown.items():
+        print(f"{key.ljust(width)} = {'unset' if value is None else value!s:<40} # {settings.sources[key]}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logs.configure(level=args.log_level)
+    logs.configure(level=args.cli_log_level)
     try:
         return int(args.run(args) or 0)
     except exceptions.ConfigError as exc:

@@ -1,17 +1,21 @@
-"""Settings: one frozen object, validated once, passed down.
+"""Settings: frozen objects, validated once, passed down.
 
-Values come from the Python API or the CLI; every CLI option falls back to an ``AGGREGATOR_*``
-environment variable. Durations are strings such as ``"10s"``, ``"30m"``, ``"1h"`` or a number of
-seconds.
+``Settings`` is what an embedded Aggregator needs. ``DaemonSettings`` is the effective configuration of
+`aggregator run`: defaults, then a TOML file, then ``AGGREGATOR_*`` environment variables, then flags.
+Durations are strings such as ``"10s"``, ``"30m"``, ``"1h"`` or a number of seconds.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
+import tomllib
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -35,6 +39,17 @@ def parse_duration(value: str | float | int, *, key: str) -> float:
         )
     if not seconds > 0:
         raise exceptions.ConfigError(f"{key}={value!r} must be longer than zero")
+    return seconds
+
+
+def parse_window(value: str | float | int, *, key: str) -> float:
+    """A report window: a whole number of seconds that divides a day, or whole days."""
+    seconds = parse_duration(value, key=key)
+    if seconds < 1 or seconds != int(seconds) or 86400 % seconds and seconds % 86400:
+        raise exceptions.ConfigError(
+            f"{key}={value!r} must be a whole number of seconds that divides a day "
+            "(or is a whole number of days), e.g. '10s', '5m', '30m', '1h'"
+        )
     return seconds
 
 
@@ -119,12 +134,7 @@ class Settings:
         stop_timeout: str | float = "30s",
         id_retention: str | float = "2d",
     ) -> Settings:
-        window_s = parse_duration(window, key="window")
-        if window_s < 1 or window_s != int(window_s) or 86400 % window_s and window_s % 86400:
-            raise exceptions.ConfigError(
-                f"window={window!r} must be a whole number of seconds that divides a day "
-                "(or is a whole number of days), e.g. '10s', '5m', '30m', '1h'"
-            )
+        window_s = parse_window(window, key="window")
         flush_s = parse_duration(flush_interval, key="flush_interval")
         # Data tracked at the very end of a window reaches the database one flush interval later
         # (plus a retry); collecting before then would turn it into late data.
@@ -155,3 +165,203 @@ class Settings:
 def new_replica_id() -> str:
     """A fresh replica id: host name, pid and a random suffix, readable in logs."""
     return f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+# ---- the daemon: one table of options, read from TOML, then AGGREGATOR_* variables, then flags ----
+
+DEFAULT_CONFIG_PATH = Path("/etc/aggregator/aggregator.toml")
+
+
+def _text(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise exceptions.ConfigError(f"{key}={value!r} must be a non-empty string")
+    return value.strip()
+
+
+def _listen(value: object, key: str) -> tuple[str, int]:
+    text = _text(value, key)
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise exceptions.ConfigError(
+            f"{key}={value!r} must be HOST:PORT with a port from 0 to 65535, e.g. 127.0.0.1:8714 or [::1]:8714")
+    return host, int(port)
+
+
+def _tokens(value: object, key: str) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(t, str) for t in items):
+        raise exceptions.ConfigError(f"{key} must be a list of strings (TOML) or comma-separated (environment)")
+    tokens = tuple(t.strip() for t in items if t.strip())
+    for index, token in enumerate(tokens):
+        if len(token) < 16 or any(c.isspace() for c in token):
+            # The value itself is a secret: name its position, never the token.
+            raise exceptions.ConfigError(
+                f"{key}: token #{index + 1} is too weak; use at least 16 characters without spaces, "
+                "e.g. from `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+    return tokens
+
+
+def _duration(value: object, key: str) -> float:
+    return parse_duration(value, key=key)  # type: ignore[arg-type]
+
+
+def _integer(low: int, high: int) -> Any:
+    def parse(value: object, key: str) -> int:
+        try:
+            number = int(value) if isinstance(value, str | int) and not isinstance(value, bool) else None
+        except ValueError:
+            number = None
+        if number is None or not low <= number <= high:
+            raise exceptions.ConfigError(f"{key}={value!r} must be a whole number from {low} to {high}")
+        return number
+
+    return parse
+
+
+def _choice(*allowed: str) -> Any:
+    def parse(value: object, key: str) -> str:
+        if value not in allowed:
+            raise exceptions.ConfigError(f"{key}={value!r} must be one of: {', '.join(allowed)}")
+        return str(value)
+
+    return parse
+
+
+def _boolean(value: object, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise exceptions.ConfigError(f"{key}={value!r} must be true or false")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Option:
+    key: str
+    default: Any
+    parse: Any
+    help: str
+    secret: bool = False
+
+    @property
+    def env(self) -> str:
+        return f"AGGREGATOR_{self.key.upper()}"
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("database_url", None, lambda v, k: _text(v, k),
+           "database URL (postgresql://... or sqlite:///path); unset: the embedded SQLite file", secret=True),
+    Option("listen", "127.0.0.1:8714", _listen, "HTTP address HOST:PORT (port 0 picks a free one)"),
+    Option("api_tokens", "", _tokens,
+           "bearer tokens for ingest and pull; without any, the API is open only on a loopback address",
+           secret=True),
+    Option("window", "30m", lambda v, k: parse_window(v, key=k), "report window, dividing a day (e.g. 10s, 5m, 30m, 1h)"),
+    Option("flush_interval", "60s", _duration, "how often tracked data is written to the database"),
+    Option("grace", None, _duration, "wait after a window ends before collecting it; unset: 2 x flush_interval"),
+    Option("collect_interval", None, _duration, "how often the collector looks for finished windows"),
+    Option("replica_id", None, lambda v, k: _text(v, k), "this replica's name in reports; unset: host-pid-random"),
+    Option("max_body_bytes", 4 * 1024 * 1024, _integer(1024, 256 * 1024 * 1024),
+           "largest accepted request body; larger gets 413"),
+    Option("max_events_per_request", 10_000, _integer(1, 1_000_000), "most events in one POST /v1/track"),
+    Option("max_event_age", "1d", _duration, "oldest event time accepted by the API (older gets 422)"),
+    Option("max_event_future", "5m", _duration, "furthest event time in the future accepted by the API"),
+    Option("shutdown_timeout", "30s", _duration, "bound on a clean stop: drain requests, final flush"),
+    Option("log_level", "info", _choice("debug", "info", "warning", "error"), "log level"),
+    Option("log_format", "auto", _choice("auto", "json", "console"),
+           "auto: JSON lines when not on a terminal (journald), readable on one"),
+)
+OPTIONS_BY_KEY = {option.key: option for option in OPTIONS}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DaemonSettings:
+    """The effective configuration of `aggregator run`, and where each value came from."""
+
+    values: dict[str, Any]
+    sources: dict[str, str]
+    aggregator: Settings
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.values[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def masked(self) -> dict[str, Any]:
+        """Values safe to print or log: tokens hidden, database password masked."""
+        out = dict(self.values)
+        effective = self.aggregator
+        for key in ("window", "flush_interval", "grace", "collect_interval", "max_event_age", "max_event_future",
+                    "shutdown_timeout"):
+            out[key] = f"{getattr(effective, key, None) or self.values[key]:g}s"
+        out["replica_id"] = effective.replica_id
+        out["database_url"] = mask_url(effective.database_url)
+        out["api_tokens"] = f"<{len(self.values['api_tokens'])} tokens>"
+        out["listen"] = "{}:{}".format(*self.values["listen"])
+        return out
+
+
+def load_daemon_settings(flags: dict[str, Any], environ: Mapping[str, str] | None = None,
+                         config_path: str | None = None) -> DaemonSettings:
+    """Defaults < TOML file < environment < flags; every value parsed and validated once."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {o.key: o.default for o in OPTIONS}
+    sources = {o.key: "default" for o in OPTIONS}
+    path = config_path or environ.get("AGGREGATOR_CONFIG")
+    if path is None and DEFAULT_CONFIG_PATH.is_file():
+        path = str(DEFAULT_CONFIG_PATH)
+    if path is not None:
+        for key, value in _read_toml(Path(path)).items():
+            raw[key], sources[key] = value, f"file {path}"
+    for option in OPTIONS:
+        if option.env in environ:
+            raw[option.key], sources[option.key] = environ[option.env], f"env {option.env}"
+        if flags.get(option.key) is not None:
+            raw[option.key], sources[option.key] = flags[option.key], f"flag {option.flag}"
+    values: dict[str, Any] = {}
+    for o in OPTIONS:
+        try:
+            values[o.key] = None if raw[o.key] is None else o.parse(raw[o.key], o.key)
+        except exceptions.ConfigError as exc:
+            raise exceptions.ConfigError(f"{exc} (set by {sources[o.key]})") from None
+    host = values["listen"][0]
+    if not values["api_tokens"] and not _is_loopback(host):
+        raise exceptions.ConfigError(
+            f"listen={host!r} is not a loopback address and no api_tokens are set; set AGGREGATOR_API_TOKENS "
+            "(or api_tokens in the config file), or listen on 127.0.0.1")
+    aggregator = Settings.build(
+        database_url=values["database_url"], replica_id=values["replica_id"], window=values["window"],
+        flush_interval=values["flush_interval"], grace=values["grace"], collect=True,
+        collect_interval=values["collect_interval"], stop_timeout=values["shutdown_timeout"],
+    )
+    return DaemonSettings(values=values, sources=sources, aggregator=aggregator)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise exceptions.ConfigError(f"config file {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise exceptions.ConfigError(f"config file {path} cannot be read: {exc}") from exc
+    section = data.get("aggregator", data)  # keys at the top level or under [aggregator]
+    unknown = sorted(set(section) - set(OPTIONS_BY_KEY))
+    if unknown:
+        raise exceptions.ConfigError(
+            f"config file {path}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(OPTIONS_BY_KEY)}")
+    return dict(section)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -77,6 +77,15 @@ class Aggregator:
         self._gate: Callable[[], None] | None = None
         os.register_at_fork(after_in_child=functools.partial(_after_fork_in_child, weakref.ref(self)))
 
+    @classmethod
+    def from_settings(cls, settings: config.Settings, **kwargs: Any) -> Aggregator:
+        """An Aggregator from validated settings (the daemon builds them from its configuration)."""
+        s = settings
+        return cls(database_url=s.database_url, replica_id=s.replica_id, window=s.window,
+                   flush_interval=s.flush_interval, grace=s.grace, collect=s.collect,
+                   collect_interval=s.collect_interval, stop_timeout=s.stop_timeout, id_retention=s.id_retention,
+                   **kwargs)
+
     # ---- the hot path ----------------------------------------------------------------------
 
     def track(self, workspace_id: object, user_id: object, allowed: int = 1, denied: int = 0, *,
@@ -201,23 +210,31 @@ class Aggregator:
 
     async def aflush(self) -> None:
         self._require_running()
-        if self._mode == "thread":
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._flush_now(), self._loop))  # type: ignore[arg-type]
-            return
-        await self._flush_now()
+        await self._on_own_loop(self._flush_now)
 
-    async def areports(self, since: Any = None) -> list[Report]:
-        if self._store is None:
+    async def areports(self, since: Any = None, *, after: int | None = None,
+                       limit: int | None = None) -> list[Report]:
+        """Reports by window (``since``), or in stream order after the cursor ``after`` (a report id)."""
+        db = self._store
+        if db is None:
             return await read_reports(self.settings.database_url, since)
-        rows = await self._store.reports(since=_since_epoch(since))
+        rows = await self._on_own_loop(lambda: db.reports(since=_since_epoch(since), after_id=after, limit=limit))
         return [Report.from_row(row) for row in rows]
+
+    async def aping(self) -> None:
+        """Raise StoreUnavailable unless the database answers."""
+        self._require_running()
+        db = self._store
+        assert db is not None
+        await self._on_own_loop(db.ping)
 
     async def acollect(self) -> list[Report]:
         """Run the collector once now (it also runs on its schedule); returns reports written here."""
         self._require_running()
-        if self._collector is None:
+        collector_ = self._collector
+        if collector_ is None:
             raise exceptions.NotRunning("this Aggregator was created with collect=False")
-        return await self._collector.run_once()
+        return await self._on_own_loop(collector_.run_once)
 
     async def __aenter__(self) -> Aggregator:
         return await self.astart()
@@ -347,6 +364,13 @@ class Aggregator:
             raise exceptions.AggregatorError(
                 "this call would block the event loop it needs; use the async form (aflush, areports)")
         return asyncio.run_coroutine_threadsafe(fn(), loop).result()
+
+    async def _on_own_loop(self, fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Await ``fn()`` on this aggregator's loop (its connections belong to it), from any loop."""
+        loop = self._loop
+        if loop is None or loop is asyncio.get_running_loop():
+            return await fn()
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(fn(), loop))
 
     def _require_running(self) -> None:
         if self._state != "running":

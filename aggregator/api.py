@@ -1,0 +1,221 @@
+"""The daemon's HTTP API: batch ingest, report pull with a cursor, health, metrics, OpenAPI.
+
+Ingest is all or nothing: the whole body is read (within the size limit) and validated before the
+first event is tracked, so a request either counts every event or none.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import time
+import uuid
+from typing import Annotated, Any
+
+import structlog
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from aggregator import config, exceptions, metrics, tracker
+from aggregator.runtime import Aggregator
+
+log = structlog.get_logger("aggregator.api")
+
+Count = Annotated[int, Field(strict=True, ge=0, le=tracker.MAX_COUNT)]
+
+
+class Event(BaseModel):
+    """One observation: a request of `user_id` in `workspace_id`."""
+
+    model_config = ConfigDict(extra="forbid")
+    workspace_id: uuid.UUID
+    user_id: uuid.UUID
+    allowed: Count = 1
+    denied: Count = 0
+    time: dt.datetime | float | None = Field(
+        default=None, description="when it happened: ISO 8601 with a UTC offset, or epoch seconds; default now")
+
+
+class TrackBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    events: list[Event] = Field(min_length=1)
+
+
+class Accepted(BaseModel):
+    accepted: int
+
+
+class ReportOut(BaseModel):
+    id: int
+    window_start: str
+    window_end: str
+    unique_workspaces: int
+    unique_users: int
+    allowed_requests: int
+    denied_requests: int
+    replicas: int
+    late_allowed_requests: int
+    late_denied_requests: int
+    late_unique_workspaces: int
+    late_unique_users: int
+    generated_at: str
+    generated_by: str
+
+
+class ReportPage(BaseModel):
+    reports: list[ReportOut]
+    next_cursor: str = Field(description="pass as `after` to get the reports that follow")
+
+
+class Problem(BaseModel):
+    detail: str
+    errors: list[dict[str, Any]] = []
+
+
+_BATCH = TypeAdapter(TrackBatch)
+_PROBLEMS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "missing or wrong bearer token"},
+    422: {"model": Problem, "description": "invalid input; `errors` names each bad field"},
+}
+
+
+def build_app(agg: Aggregator, settings: config.DaemonSettings, counters: metrics.Counters) -> FastAPI:
+    app = FastAPI(title="aggregator", version="1", summary="Exactly-once usage aggregation",
+                  docs_url=None, redoc_url=None)
+    tokens = [t.encode() for t in settings.api_tokens]
+    limit = settings.max_body_bytes
+
+    def authorized(request: Request) -> None:
+        if not tokens:
+            return  # no tokens configured: allowed only on a loopback address (see config)
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # Compare against every token, always, so timing says nothing about which one nearly matched.
+        matched = False
+        for token in tokens:
+            matched |= hmac.compare_digest(given.strip().encode(), token)
+        if scheme.lower() != "bearer" or not matched:
+            counters.rejected["unauthorized"] += 1
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.post("/v1/track", status_code=202, response_model=Accepted, responses=_PROBLEMS | {
+        413: {"model": Problem, "description": "body larger than max_body_bytes"}},
+        dependencies=[Depends(authorized)],
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/TrackBatch"}}}}})
+    async def track(request: Request) -> Accepted:
+        """Count a batch of events; all or nothing."""
+        body = await _read_limited(request, limit, counters)
+        try:
+            batch = _BATCH.validate_json(body)
+        except ValidationError as exc:
+            counters.rejected["invalid"] += 1
+            errors = [_describe(e) for e in exc.errors(include_url=False, include_input=False)]
+            raise HTTPException(422, {"detail": "; ".join(f"{e['loc']}: {e['message']}" for e in errors),
+                                      "errors": errors}) from None
+        events = batch.events
+        if len(events) > settings.max_events_per_request:
+            counters.rejected["invalid"] += 1
+            raise HTTPException(422, f"events: {len(events)} events, at most {settings.max_events_per_request} "
+                                     "per request (max_events_per_request)")
+        moments = _check_times(events, settings, counters)
+        for event, moment in zip(events, moments, strict=True):
+            agg.track(event.workspace_id, event.user_id, event.allowed, event.denied, at=moment)
+        counters.events_accepted += len(events)
+        return Accepted(accepted=len(events))
+
+    @app.get("/v1/reports", response_model=ReportPage, responses=_PROBLEMS, dependencies=[Depends(authorized)])
+    async def pull(after: Annotated[str, Query(pattern=r"^[0-9]{1,18}$",
+                                               description="cursor from a previous page; 0 for the start")] = "0",
+                   limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> ReportPage:
+        """Finished reports in stream order, after the cursor. Retrying with the same cursor is safe."""
+        found = await agg.areports(after=int(after), limit=limit)
+        return ReportPage(reports=[ReportOut(**r.to_dict()) for r in found],
+                          next_cursor=str(found[-1].id if found else int(after)))
+
+    @app.get("/healthz", responses={503: {"model": Problem, "description": "database unreachable"}})
+    async def health() -> dict[str, str]:
+        """Open: the process is up and the database answers."""
+        try:
+            await agg.aping()
+        except exceptions.StoreError as exc:
+            raise HTTPException(503, f"database unavailable: {exc}") from None
+        return {"status": "ok", "database": "ok"}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus() -> Response:
+        """Open: Prometheus text exposition (no identifiers, no secrets)."""
+        return PlainTextResponse(metrics.render(agg.status(), counters), media_type=metrics.CONTENT_TYPE)
+
+    @app.exception_handler(HTTPException)
+    async def problem(_request: Request, exc: HTTPException) -> JSONResponse:
+        content = exc.detail if isinstance(exc.detail, dict) else {"detail": exc.detail}
+        return JSONResponse(content, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(exceptions.NotRunning)
+    async def stopping(_request: Request, _exc: exceptions.NotRunning) -> JSONResponse:
+        return JSONResponse({"detail": "shutting down; retry on another replica"}, status_code=503)
+
+    schema = app.openapi()
+    schema["components"]["schemas"].update(
+        TrackBatch.model_json_schema(ref_template="#/components/schemas/{model}").pop("$defs"))
+    schema["components"]["schemas"]["TrackBatch"] = TrackBatch.model_json_schema(
+        ref_template="#/components/schemas/{model}")
+    schema["components"]["schemas"]["TrackBatch"].pop("$defs", None)
+    return app
+
+
+async def _read_limited(request: Request, limit: int, counters: metrics.Counters) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        counters.rejected["too_large"] += 1
+        raise HTTPException(413, f"body of {declared} bytes is over the limit of {limit} (max_body_bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            counters.rejected["too_large"] += 1
+            raise HTTPException(413, f"body is over the limit of {limit} bytes (max_body_bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _describe(error: Any) -> dict[str, Any]:
+    """A pydantic error as `events[3].user_id: message`, with the index and field separate too."""
+    loc = list(error["loc"])
+    text = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
+    out: dict[str, Any] = {"loc": text or "body", "message": error["msg"], "type": error["type"]}
+    if len(loc) >= 2 and loc[0] == "events" and isinstance(loc[1], int):
+        out["index"] = loc[1]
+        if len(loc) >= 3:
+            out["field"] = loc[2]
+    return out
+
+
+def _check_times(events: list[Event], settings: config.DaemonSettings,
+                 counters: metrics.Counters) -> list[float | None]:
+    now = time.time()
+    oldest, newest = now - settings.max_event_age, now + settings.max_event_future
+    moments: list[float | None] = []
+    errors = []
+    for index, event in enumerate(events):
+        moment: float | None = None
+        if isinstance(event.time, dt.datetime):
+            if event.time.tzinfo is None:
+                errors.append({"loc": f"events[{index}].time", "index": index, "field": "time",
+                               "message": "needs a UTC offset, e.g. 2026-01-31T12:00:00Z"})
+                continue
+            moment = event.time.timestamp()
+        elif event.time is not None:
+            moment = float(event.time)
+        if moment is not None and not oldest <= moment <= newest:
+            errors.append({"loc": f"events[{index}].time", "index": index, "field": "time",
+                           "message": f"{moment:.0f} is outside the accepted range (max_event_age "
+                                      f"{settings.max_event_age:g}s, max_event_future {settings.max_event_future:g}s)"})
+        moments.append(moment)
+    if errors:
+        counters.rejected["invalid"] += 1
+        raise HTTPException(422, {"detail": "; ".join(f"{e['loc']}: {e['message']}" for e in errors),
+                                  "errors": errors})
+    return moments
+

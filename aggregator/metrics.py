@@ -1,0 +1,54 @@
+"""Prometheus text exposition of the daemon's figures (format 0.0.4), without a client library.
+
+Counters of the API live here; the flusher's and collector's figures come from ``Aggregator.status()``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Any
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclasses.dataclass
+class Counters:
+    events_accepted: int = 0
+    rejected: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+
+
+def render(status: dict[str, Any], counters: Counters) -> str:
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP aggregator_{name} {help_}")
+        lines.append(f"# TYPE aggregator_{name} {kind}")
+        lines.extend(f"aggregator_{name}{labels} {value:g}" for labels, value in samples)
+
+    metric("events_accepted_total", "counter", "Events accepted by POST /v1/track.",
+           [("", counters.events_accepted)])
+    metric("requests_rejected_total", "counter", "API requests rejected, by reason.",
+           [(f'{{reason="{r}"}}', counters.rejected[r]) for r in ("unauthorized", "invalid", "too_large")])
+    metric("unflushed_events", "gauge", "Events tracked in this replica and not yet durable.",
+           [("", status.get("unflushed_events", status["pending_events"]))])
+    flush = status.get("flush")
+    if flush is not None:
+        lag = time.time() - flush.last_success_at if flush.last_success_at else float("nan")
+        metric("flushes_total", "counter", "Flush batches applied.", [("", flush.flushes)])
+        metric("flush_failures_total", "counter", "Flush attempts that failed (and are retried).",
+               [("", flush.failures)])
+        metric("flush_duration_seconds", "gauge", "Duration of the last successful flush.",
+               [("", flush.last_duration)])
+        metric("flush_lag_seconds", "gauge", "Seconds since the last successful flush.", [("", lag)])
+        metric("events_flushed_total", "counter", "Events made durable.", [("", flush.events_flushed)])
+    collector = status.get("collector")
+    if collector is not None:
+        metric("collector_runs_total", "counter", "Collector runs in this replica.", [("", collector.runs)])
+        metric("reports_written_total", "counter", "Reports written by this replica.",
+               [("", collector.reports_written)])
+        metric("collector_failures_total", "counter", "Collector runs that failed.", [("", collector.failures)])
+    errors = (flush.failures if flush else 0) + (collector.failures if collector else 0)
+    metric("errors_total", "counter", "Errors of flushes and collections in this replica.", [("", errors)])
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,164 @@
+"""The HTTP API in-process (httpx's ASGI transport), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from aggregator import api, config, metrics
+from aggregator.runtime import Aggregator
+from tests.helpers import GRACE, T0, WINDOW, FakeClock, manual
+
+TOKEN = "t0ken-for-tests-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def event(i: int = 0, **fields: object) -> dict[str, object]:
+    return {"workspace_id": str(uuid.UUID(int=1 + i % 3)), "user_id": str(uuid.UUID(int=100 + i)), **fields}
+
+
+@pytest.fixture
+async def client(database_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, Aggregator, metrics.Counters]]:
+    settings = config.load_daemon_settings(
+        {"database_url": database_url, "api_tokens": TOKEN, "window": f"{WINDOW}s", "max_body_bytes": "4096",
+         "max_events_per_request": "20"}, environ={})
+    counters = metrics.Counters()
+    async with manual(database_url, FakeClock()) as agg:
+        app = api.build_app(agg, settings, counters)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            yield http, agg, counters
+
+
+async def test_a_valid_batch_is_counted(client: tuple) -> None:
+    http, agg, counters = client
+    now = time.time()
+    response = await http.post("/v1/track", headers=AUTH, json={"events": [
+        event(0), event(1, allowed=0, denied=3), event(2, time=now), event(3, time=_iso(now))]})
+    assert (response.status_code, response.json()) == (202, {"accepted": 4})
+    assert agg.status()["pending_events"] == 4 and counters.events_accepted == 4
+
+
+def _iso(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+@pytest.mark.parametrize(
+    ("body", "loc"),
+    [
+        ({"events": [event(0), event(1, user_id="nope")]}, "events[1].user_id"),
+        ({"events": [event(0, workspace_id=7)]}, "events[0].workspace_id"),
+        ({"events": [event(0, allowed=-1)]}, "events[0].allowed"),
+        ({"events": [event(0, denied=1.5)]}, "events[0].denied"),
+        ({"events": [event(0, denied=True)]}, "events[0].denied"),
+        ({"events": [event(0, allowed="2")]}, "events[0].allowed"),
+        ({"events": [event(0), event(1, extra=1)]}, "events[1].extra"),
+        ({"events": [{"user_id": str(uuid.UUID(int=5))}]}, "events[0].workspace_id"),
+        ({"events": [event(0, time=1.0)]}, "events[0].time"),  # 1970: older than max_event_age
+        ({"events": [event(0, time=time.time() + 3600)]}, "events[0].time"),  # an hour ahead
+        ({"events": [event(0, time="2026-11-24T12:00:00")]}, "events[0].time"),  # no UTC offset
+        ({"events": []}, "events"),
+        ({"events": [event(i) for i in range(21)]}, "events"),
+        ([event(0)], "body"),
+    ],
+)
+async def test_each_invalid_field_is_422_naming_index_and_field_and_counts_nothing(
+        client: tuple, body: object, loc: str) -> None:
+    http, agg, _ = client
+    response = await http.post("/v1/track", headers=AUTH, json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"].startswith(loc)
+    assert agg.status()["pending_events"] == 0
+
+
+async def test_malformed_json_is_422(client: tuple) -> None:
+    http, agg, _ = client
+    response = await http.post("/v1/track", headers=AUTH | {"Content-Type": "application/json"},
+                               content=b'{"events": [')
+    assert response.status_code == 422 and "json" in response.json()["detail"].lower()
+    assert agg.status()["pending_events"] == 0
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-token-0123456789"},
+                                     {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}])
+async def test_missing_or_wrong_token_is_401_and_counts_nothing(client: tuple, headers: dict) -> None:
+    http, agg, counters = client
+    response = await http.post("/v1/track", headers=headers, json={"events": [event(0)]})
+    assert (response.status_code, response.headers.get("www-authenticate")) == (401, "Bearer")
+    assert (await http.get("/v1/reports", headers=headers)).status_code == 401
+    assert agg.status()["pending_events"] == 0 and counters.rejected["unauthorized"] == 2
+
+
+async def test_oversized_body_is_413_declared_or_streamed(client: tuple) -> None:
+    http, agg, _ = client
+    big = {"events": [event(i) for i in range(60)]}  # well over 4096 bytes
+    assert (await http.post("/v1/track", headers=AUTH, json=big)).status_code == 413
+
+    async def stream() -> AsyncIterator[bytes]:  # no Content-Length: counted while reading
+        for _ in range(10):
+            yield b" " * 1000
+
+    response = await http.post("/v1/track", headers=AUTH | {"Content-Type": "application/json"}, content=stream())
+    assert response.status_code == 413
+    assert agg.status()["pending_events"] == 0
+
+
+async def test_unknown_path_is_404(client: tuple) -> None:
+    http, _, _ = client
+    assert (await http.get("/v2/anything", headers=AUTH)).status_code == 404
+
+
+async def test_reports_are_pulled_in_order_with_a_cursor(client: tuple) -> None:
+    """Each page continues after the cursor; the same cursor gives the same page; the end is stable."""
+    http, agg, _ = client
+    clock: FakeClock = agg._clock
+    for w in range(5):
+        agg.track(uuid.UUID(int=1), uuid.UUID(int=10 + w), allowed=w + 1, at=T0 + w * WINDOW)
+    await agg.aflush()
+    clock.past_window(T0 + 4 * WINDOW)
+    await agg.acollect()
+    first = (await http.get("/v1/reports", params={"limit": 2}, headers=AUTH)).json()
+    again = (await http.get("/v1/reports", params={"limit": 2, "after": "0"}, headers=AUTH)).json()
+    assert first == again
+    pages, cursor = [first], first["next_cursor"]
+    while True:
+        page = (await http.get("/v1/reports", params={"after": cursor, "limit": 2}, headers=AUTH)).json()
+        if not page["reports"]:
+            assert page["next_cursor"] == cursor
+            break
+        pages.append(page)
+        cursor = page["next_cursor"]
+    pulled = [r for page in pages for r in page["reports"]]
+    assert [r["allowed_requests"] for r in pulled] == [1, 2, 3, 4, 5]
+    assert [r["id"] for r in pulled] == sorted({r["id"] for r in pulled})
+    assert (await http.get("/v1/reports", params={"after": "-1"}, headers=AUTH)).status_code == 422
+    assert GRACE  # windows were due only after their grace
+
+
+async def test_health_metrics_and_openapi(client: tuple) -> None:
+    http, _, _ = client
+    await http.post("/v1/track", headers=AUTH, json={"events": [event(0), event(1)]})
+    await http.post("/v1/track", json={"events": [event(0)]})
+    assert (await http.get("/healthz")).json() == {"status": "ok", "database": "ok"}
+    text = (await http.get("/metrics")).text
+    assert "aggregator_events_accepted_total 2\n" in text
+    assert 'aggregator_requests_rejected_total{reason="unauthorized"} 1\n' in text
+    assert "aggregator_unflushed_events 2\n" in text and "aggregator_flush_lag_seconds" in text
+    spec = (await http.get("/openapi.json")).json()
+    assert {"/v1/track", "/v1/reports", "/healthz", "/metrics"} <= set(spec["paths"])
+    assert spec["components"]["schemas"]["TrackBatch"]["properties"]["events"]["items"] == {
+        "$ref": "#/components/schemas/Event"}
+
+
+async def test_open_api_without_tokens_only_on_loopback(database_url: str) -> None:
+    settings = config.load_daemon_settings({"database_url": database_url, "window": f"{WINDOW}s"}, environ={})
+    async with manual(database_url, FakeClock()) as agg:
+        app = api.build_app(agg, settings, metrics.Counters())
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            assert (await http.post("/v1/track", json={"events": [event(0)]})).status_code == 202
+    with pytest.raises(config.exceptions.ConfigError, match="not a loopback address"):
+        config.load_daemon_settings({"listen": "0.0.0.0:8714"}, environ={})
