@@ -76,6 +76,8 @@ async def _shutdown(settings: config.DaemonSettings, agg: Aggregator, server: uv
     systemd.notify("STOPPING=1", "STATUS=stopping: draining requests, final flush")
     log.info("stopping", unflushed_events=agg.status().get("unflushed_events"))
     watchdog.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watchdog
     server.should_exit = True  # stop accepting; requests in flight finish
     code = 0
     try:

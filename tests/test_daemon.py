@@ -178,3 +178,12 @@ def test_config_check_masks_secrets_and_names_sources(tmp_path: Path) -> None:
     assert "3600s" in lines["window"] and "30s" in lines["flush_interval"] and "flag --flush-interval" in (
         lines["flush_interval"])
     assert "s3cret" not in result.stdout and "file-token" not in result.stdout
+
+
+def test_readme_documents_every_configuration_key() -> None:
+    """Each option's key, environment variable and flag appear in the README's table."""
+    from aggregator import config
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [o.key for o in config.OPTIONS if f"| `{o.key}` | `{o.env}` | `{o.flag}` |" not in readme]
+    assert missing == []
