@@ -13,8 +13,10 @@ import uuid
 from typing import Annotated, Any
 
 import structlog
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from aggregator import config, exceptions, metrics, tracker
@@ -74,6 +76,7 @@ class Problem(BaseModel):
 
 
 _BATCH = TypeAdapter(TrackBatch)
+_BEARER = HTTPBearer(auto_error=False, description="a token from api_tokens (AGGREGATOR_API_TOKENS)")
 _PROBLEMS: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "missing or wrong bearer token"},
     422: {"model": Problem, "description": "invalid input; `errors` names each bad field"},
@@ -86,15 +89,15 @@ def build_app(agg: Aggregator, settings: config.DaemonSettings, counters: metric
     tokens = [t.encode() for t in settings.api_tokens]
     limit = settings.max_body_bytes
 
-    def authorized(request: Request) -> None:
+    def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)]) -> None:
         if not tokens:
             return  # no tokens configured: allowed only on a loopback address (see config)
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        given = credentials.credentials.encode() if credentials is not None else b""
         # Compare against every token, always, so timing says nothing about which one nearly matched.
         matched = False
         for token in tokens:
-            matched |= hmac.compare_digest(given.strip().encode(), token)
-        if scheme.lower() != "bearer" or not matched:
+            matched |= hmac.compare_digest(given, token)
+        if not matched:
             counters.rejected["unauthorized"] += 1
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
@@ -152,6 +155,13 @@ def build_app(agg: Aggregator, settings: config.DaemonSettings, counters: metric
         content = exc.detail if isinstance(exc.detail, dict) else {"detail": exc.detail}
         return JSONResponse(content, status_code=exc.status_code, headers=exc.headers)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_query(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        counters.rejected["invalid"] += 1
+        errors = [_describe(e) for e in exc.errors()]
+        return JSONResponse({"detail": "; ".join(f"{e['loc']}: {e['message']}" for e in errors), "errors": errors},
+                            status_code=422)
+
     @app.exception_handler(exceptions.NotRunning)
     async def stopping(_request: Request, _exc: exceptions.NotRunning) -> JSONResponse:
         return JSONResponse({"detail": "shutting down; retry on another replica"}, status_code=503)
@@ -183,6 +193,8 @@ async def _read_limited(request: Request, limit: int, counters: metrics.Counters
 def _describe(error: Any) -> dict[str, Any]:
     """A pydantic error as `events[3].user_id: message`, with the index and field separate too."""
     loc = list(error["loc"])
+    if loc and loc[0] in ("query", "path", "header"):
+        loc = loc[1:]
     text = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
     out: dict[str, Any] = {"loc": text or "body", "message": error["msg"], "type": error["type"]}
     if len(loc) >= 2 and loc[0] == "events" and isinstance(loc[1], int):

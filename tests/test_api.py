@@ -162,3 +162,19 @@ async def test_open_api_without_tokens_only_on_loopback(database_url: str) -> No
             assert (await http.post("/v1/track", json={"events": [event(0)]})).status_code == 202
     with pytest.raises(config.exceptions.ConfigError, match="not a loopback address"):
         config.load_daemon_settings({"listen": "0.0.0.0:8714"}, environ={})
+
+
+async def test_invalid_query_is_422_in_the_documented_shape(client: tuple) -> None:
+    http, _, _ = client
+    response = await http.get("/v1/reports", params={"limit": 0}, headers=AUTH)
+    assert response.status_code == 422
+    body = response.json()
+    assert body["detail"].startswith("limit: ") and body["errors"][0]["loc"] == "limit"
+
+
+async def test_openapi_declares_bearer_auth(client: tuple) -> None:
+    http, _, _ = client
+    spec = (await http.get("/openapi.json")).json()
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert spec["paths"]["/v1/track"]["post"]["security"] == [{"HTTPBearer": []}]
+    assert "security" not in spec["paths"]["/healthz"]["get"]
