@@ -20,6 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from aggregator import config, exceptions, metrics, tracker
+from aggregator.reports import Report
 from aggregator.runtime import Aggregator
 
 log = structlog.get_logger("aggregator.api")
@@ -48,25 +49,8 @@ class Accepted(BaseModel):
     accepted: int
 
 
-class ReportOut(BaseModel):
-    id: int
-    window_start: str
-    window_end: str
-    unique_workspaces: int
-    unique_users: int
-    allowed_requests: int
-    denied_requests: int
-    replicas: int
-    late_allowed_requests: int
-    late_denied_requests: int
-    late_unique_workspaces: int
-    late_unique_users: int
-    generated_at: str
-    generated_by: str
-
-
 class ReportPage(BaseModel):
-    reports: list[ReportOut]
+    reports: list[Report]
     next_cursor: str = Field(description="pass as `after` to get the reports that follow")
 
 
@@ -133,7 +117,7 @@ def build_app(agg: Aggregator, settings: config.DaemonSettings, counters: metric
                    limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> ReportPage:
         """Finished reports in stream order, after the cursor. Retrying with the same cursor is safe."""
         found = await agg.areports(after=int(after), limit=limit)
-        return ReportPage(reports=[ReportOut(**r.to_dict()) for r in found],
+        return ReportPage(reports=found,
                           next_cursor=str(found[-1].id if found else int(after)))
 
     @app.get("/healthz", responses={503: {"model": Problem, "description": "database unreachable"}})
