@@ -32,6 +32,7 @@ log = structlog.get_logger("aggregator")
 T = TypeVar("T")
 
 _sigterm_installed = False
+DRAIN_INTERVAL = 0.2  # seconds
 
 
 class Aggregator:
@@ -73,8 +74,10 @@ class Aggregator:
         self._scheduler: AsyncIOScheduler | None = None
         self._retry_delay = 0.0
         self._lifecycle = threading.Lock()
-        # track() and flush() call this first when not None: in a forked child, it restarts us.
+        # flush() calls this first when not None: in a forked child, it restarts us.
         self._gate: Callable[[], None] | None = None
+        # The hot path: calls go straight to the tracker, with no layer in between.
+        self.track = self._tracker.track  # type: ignore[method-assign]
         os.register_at_fork(after_in_child=functools.partial(_after_fork_in_child, weakref.ref(self)))
 
     @classmethod
@@ -94,10 +97,9 @@ class Aggregator:
 
         ``at`` (an aware datetime or epoch seconds) places the event in the window of that moment
         instead of now. Raises InvalidInput (a ValueError) or InvalidType (a TypeError) and records
-        nothing when an argument is bad.
+        nothing when an argument is bad. (Instances bind this name to the tracker's method directly;
+        this definition documents it.)
         """
-        if self._gate is not None:
-            self._gate()
         self._tracker.track(workspace_id, user_id, allowed, denied, at)
 
     @property
@@ -271,6 +273,9 @@ class Aggregator:
         scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop())
         scheduler.add_job(self._scheduled_flush, "interval", seconds=s.flush_interval, id="flush",
                           max_instances=1, coalesce=True, misfire_grace_time=None)
+        # Fold buffered calls into per-window sets often, so the buffer stays small between flushes.
+        scheduler.add_job(asyncio.to_thread, "interval", args=[self._tracker.drain], seconds=DRAIN_INTERVAL,
+                          id="drain", max_instances=1, coalesce=True, misfire_grace_time=None)
         if s.collect:
             self._collector = collector.Collector(
                 db, collector_id=s.replica_id, grace=s.grace, id_retention=s.id_retention, clock=self._clock,
@@ -387,7 +392,13 @@ class Aggregator:
             if self._gate is None:
                 return
             self._gate = None
+            self.track = self._tracker.track  # type: ignore[method-assign]
         self.start()
+
+    def _track_after_fork(self, *args: Any, **kwargs: Any) -> None:
+        """track() in a forked child of a started Aggregator: start this replica, then track."""
+        self._restart_after_fork()
+        self._tracker.track(*args, **kwargs)
 
     def _at_exit(self) -> None:
         try:
@@ -407,6 +418,7 @@ class Aggregator:
         self._mode = None
         self._state = "new"
         self._gate = self._restart_after_fork if was_running_thread else None
+        self.track = self._track_after_fork if was_running_thread else self._tracker.track  # type: ignore[method-assign]
 
 
 async def read_reports(database_url: str, since: Any = None) -> list[Report]:

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from aggregator import exceptions
 
 # Per-call ceiling on a count: far above any real request count, far below 64-bit overflow.
-MAX_COUNT = 2**32
+MAX_COUNT = 2**32 - 1
+_UUID = uuid.UUID
 
 
 @dataclasses.dataclass(slots=True)
@@ -81,53 +82,98 @@ def moment(value: object) -> float:
 
 
 class Tracker:
-    """Pending per-window state of one replica, safe to call from any thread."""
+    """Pending per-window state of one replica, safe to call from any thread.
+
+    ``track()`` only validates and appends ``(workspace, user, allowed, denied, time)`` to a buffer
+    under a short lock; ``drain()`` (a background job, and every flush) folds the buffer into
+    per-window sets and counts. The lock is what makes ``close()`` exact: a call either lands in the
+    buffer before it closes, and so in the final flush, or raises.
+    """
 
     def __init__(self, window: int, clock: Callable[[], float] = time.time) -> None:
         self.window = window
         self._clock = clock
         self._lock = threading.Lock()
+        self._acquire, self._release = self._lock.acquire, self._lock.release
+        self._buffer: list[tuple[int, int, int, int, float]] = []
+        self._open = True
+        self._fold_lock = threading.Lock()  # drain() and take() (background side only)
         self._pending: dict[int, WindowData] = {}
-        self._closed = False
 
     def track(self, workspace_id: object, user_id: object, allowed: object = 1, denied: object = 0,
               at: object = None) -> None:
         """Record one observation; validates everything before touching state."""
-        workspace = uuid_int(workspace_id, "workspace_id")
-        user = uuid_int(user_id, "user_id")
-        allowed_n = count(allowed, "allowed")
-        denied_n = count(denied, "denied")
-        start = window_start(self._clock() if at is None else moment(at), self.window)
-        with self._lock:
-            if self._closed:
-                raise exceptions.NotRunning(
-                    "Aggregator is stopped; this event was not recorded. Create a new Aggregator")
-            data = self._pending.get(start)
-            if data is None:
-                data = self._pending[start] = WindowData()
-            data.workspaces.add(workspace)
-            data.users.add(user)
-            data.allowed += allowed_n
-            data.denied += denied_n
-            data.events += 1
+        # The common case (UUID objects, small non-negative ints, now) in as few steps as possible;
+        # anything else takes the slow path, which validates fully and explains what is wrong.
+        if (type(workspace_id) is _UUID and type(user_id) is _UUID and type(allowed) is int
+                and type(denied) is int and not (allowed | denied) >> 32 and at is None):
+            item = (workspace_id.int, user_id.int, allowed, denied, self._clock())
+        else:
+            item = (uuid_int(workspace_id, "workspace_id"), uuid_int(user_id, "user_id"),
+                    count(allowed, "allowed"), count(denied, "denied"), self._clock() if at is None else moment(at))
+        self._acquire()
+        try:
+            if self._open:
+                self._buffer.append(item)
+                return
+        finally:
+            self._release()
+        raise exceptions.NotRunning("Aggregator is stopped; this event was not recorded. Create a new Aggregator")
+
+    def drain(self) -> None:
+        """Fold buffered calls into per-window state (background work, off the caller's path)."""
+        with self._fold_lock:
+            self._acquire()
+            events, self._buffer = self._buffer, []
+            self._release()
+            if events:
+                self._fold(events)
+
+    def _fold(self, events: list[tuple[int, int, int, int, float]]) -> None:
+        window, pending = self.window, self._pending
+        low = high = 0.0
+        data = WindowData()
+        add_workspace = add_user = data.workspaces.add
+        allowed = denied = n = 0
+        for workspace, user, a, d, t in events:
+            if not low <= t < high:  # another window (rare: at boundaries, or explicit times)
+                data.allowed += allowed
+                data.denied += denied
+                data.events += n
+                allowed = denied = n = 0
+                start = int(t // window) * window
+                low, high = start, start + window
+                data = pending.get(start) or pending.setdefault(start, WindowData())
+                add_workspace, add_user = data.workspaces.add, data.users.add
+            add_workspace(workspace)
+            add_user(user)
+            allowed += a
+            denied += d
+            n += 1
+        data.allowed += allowed
+        data.denied += denied
+        data.events += n
 
     def take(self) -> dict[int, WindowData]:
-        """Everything pending, leaving the tracker empty; later calls go to a fresh batch."""
-        with self._lock:
+        """Everything tracked so far, folded, leaving the tracker empty; later calls go to a fresh batch."""
+        with self._fold_lock:
+            self._acquire()
+            events, self._buffer = self._buffer, []
+            self._release()
+            self._fold(events)
             pending, self._pending = self._pending, {}
         return pending
+
+    def pending_events(self) -> int:
+        with self._fold_lock:
+            folded = sum(data.events for data in self._pending.values())
+        return folded + len(self._buffer)
 
     def close(self) -> None:
         """Refuse further calls; a call either got in before this (and is in the final take) or raises."""
         with self._lock:
-            self._closed = True
-
-    def pending_events(self) -> int:
-        with self._lock:
-            return sum(data.events for data in self._pending.values())
+            self._open = False
 
     def reset_after_fork(self) -> None:
-        """In a forked child: a new lock (the parent's may be held) and no inherited data."""
-        self._lock = threading.Lock()
-        self._pending = {}
-        self._closed = False
+        """In a forked child: new locks (the parent's may be held) and no inherited data."""
+        self.__init__(self.window, self._clock)  # type: ignore[misc]
