@@ -39,17 +39,31 @@ def window_start(moment: float, window: int) -> int:
 
 
 def uuid_int(value: object, name: str) -> int:
-    """``value`` (a UUID or its string form) as a 128-bit int; raises naming ``name`` otherwise."""
+    """``value`` (a UUID or its string form) as a 128-bit int; raises naming ``name`` otherwise.
+
+    Strings are parsed strictly: the canonical ``8-4-4-4-12`` form, 32 hex digits, or either inside
+    ``{}`` or after ``urn:uuid:``. (``uuid.UUID`` itself also takes strings with spaces, signs or
+    underscores, as other UUIDs than they look like; those are refused here.)
+    """
     if type(value) is uuid.UUID:
         return value.int
     if isinstance(value, str):
-        try:
-            return uuid.UUID(value).int
-        except ValueError:
-            raise exceptions.InvalidInput(
-                f"{name}={value!r} is not a UUID; pass a uuid.UUID or a string like "
-                "'123e4567-e89b-12d3-a456-426614174000'"
-            ) from None
+        text = value[9:] if value.startswith("urn:uuid:") else value
+        if text[:1] == "{" and text[-1:] == "}":
+            text = text[1:-1]
+        if len(text) == 36 and text[8] == text[13] == text[18] == text[23] == "-":
+            text = text[:8] + text[9:13] + text[14:18] + text[19:23] + text[24:]
+        if len(text) == 32:
+            try:
+                raw = bytes.fromhex(text)  # hex digits and (ignored) spaces only
+            except ValueError:
+                raw = b""
+            if len(raw) == 16:  # so there were no spaces
+                return int.from_bytes(raw, "big")
+        raise exceptions.InvalidInput(
+            f"{name}={value!r} is not a UUID; pass a uuid.UUID or a string like "
+            "'123e4567-e89b-12d3-a456-426614174000'"
+        )
     if isinstance(value, uuid.UUID):
         return value.int
     raise exceptions.InvalidType(f"{name}={value!r} is a {type(value).__name__}, not a UUID or UUID string")

@@ -116,3 +116,27 @@ def test_a_stopped_aggregator_cannot_be_restarted(sqlite_url: str) -> None:
     agg.stop()
     with pytest.raises(aggregator.NotRunning, match="create a new Aggregator"):
         agg.start()
+
+
+@pytest.mark.parametrize("text", [
+    "123e4567-e89b-12d3-a456-426614174000", "123E4567-E89B-12D3-A456-426614174000",
+    "{123e4567-e89b-12d3-a456-426614174000}", "urn:uuid:123e4567-e89b-12d3-a456-426614174000",
+    "123e4567e89b12d3a456426614174000", "00000000-0000-0000-0000-000000000000",
+    "ffffffff-ffff-ffff-ffff-ffffffffffff",
+])
+def test_uuid_strings_parse_exactly_as_uuid_does(text: str) -> None:
+    from aggregator import tracker
+
+    assert tracker.uuid_int(text, "user_id") == uuid.UUID(text).int
+
+
+@pytest.mark.parametrize("text", [
+    "123e4567-e89b-12d3-a456-42661417400 ", "123e4567-e89b-12d3-a456-4266141740g0",
+    "+23e4567-e89b-12d3-a456-426614174000", "123e4567-e89b-12d3-a456-4266_4174000",
+    "123e4567-e89b-12d3-a456 426614174000", " 23e4567-e89b-12d3-a456-426614174000",
+])
+def test_near_uuid_strings_are_refused(text: str) -> None:
+    from aggregator import tracker
+
+    with pytest.raises(InvalidInput, match="is not a UUID"):
+        tracker.uuid_int(text, "user_id")
