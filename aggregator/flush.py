@@ -76,7 +76,7 @@ class Flusher:
             users = data.users - sent_users
             new_ids[start] = (workspaces, users)
             windows[start] = store.BatchWindow(
-                workspaces=store.sorted_uuids(workspaces), users=store.sorted_uuids(users),
+                workspaces=list(workspaces), users=list(users),
                 allowed=data.allowed, denied=data.denied,
             )
             events += data.events

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -72,6 +73,7 @@ class Aggregator:
         self._flusher: flush.Flusher | None = None
         self._collector: collector.Collector | None = None
         self._scheduler: AsyncIOScheduler | None = None
+        self._drainer: asyncio.Task[None] | None = None
         self._retry_delay = 0.0
         self._lifecycle = threading.Lock()
         # flush() calls this first when not None: in a forked child, it restarts us.
@@ -273,9 +275,7 @@ class Aggregator:
         scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop())
         scheduler.add_job(self._scheduled_flush, "interval", seconds=s.flush_interval, id="flush",
                           max_instances=1, coalesce=True, misfire_grace_time=None)
-        # Fold buffered calls into per-window sets often, so the buffer stays small between flushes.
-        scheduler.add_job(asyncio.to_thread, "interval", args=[self._tracker.drain], seconds=DRAIN_INTERVAL,
-                          id="drain", max_instances=1, coalesce=True, misfire_grace_time=None)
+        self._drainer = asyncio.create_task(self._drain_forever(), name="aggregator-drain")
         if s.collect:
             self._collector = collector.Collector(
                 db, collector_id=s.replica_id, grace=s.grace, id_retention=s.id_retention, clock=self._clock,
@@ -289,10 +289,20 @@ class Aggregator:
         log.info("started", replica_id=s.replica_id, database=db.masked_url, window_s=s.window_seconds,
                  flush_interval_s=s.flush_interval, grace_s=s.grace, collect=s.collect)
 
+    async def _drain_forever(self) -> None:
+        """Fold buffered calls into per-window sets often, so the buffer stays small between flushes."""
+        while True:
+            await asyncio.to_thread(self._tracker.drain)
+            await asyncio.sleep(DRAIN_INTERVAL)
+
     async def _close(self) -> None:
         assert self._store is not None and self._flusher is not None
         self._tracker.close()
         self._state = "stopping"
+        if self._drainer is not None:
+            self._drainer.cancel()  # a fold in progress finishes in its thread; take() waits for it
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drainer
         try:
             if self._scheduler is not None:
                 # apscheduler cancels running jobs on shutdown: pause it, let a flush or collection in
@@ -415,6 +425,7 @@ class Aggregator:
             self.settings = _replace_replica_id(self.settings, config.new_replica_id())
         # The parent's loop, thread and pooled connections belong to the parent; drop them unclosed.
         self._loop = self._thread = self._store = self._flusher = self._collector = self._scheduler = None
+        self._drainer = None
         self._mode = None
         self._state = "new"
         self._gate = self._restart_after_fork if was_running_thread else None

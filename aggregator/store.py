@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +39,26 @@ LOCK_TIMEOUT_MS = 30_000
 SQLITE_BUSY_TIMEOUT_S = 60.0
 _SQLITE_CHUNK = 5_000
 
+# Ids in sorted order, so concurrent flushes insert overlapping ids in one order and cannot deadlock.
+_PG_IDS = "FROM unnest($1::uuid[]) AS x"
+_PG_INSERT_NEW_IDS = (
+    f"INSERT INTO window_ids (window_start, dim, id) SELECT $2::bigint, $3::smallint, x {_PG_IDS} "
+    "WHERE NOT EXISTS (SELECT 1 FROM window_ids w WHERE w.window_start = $2 AND w.dim = $3 AND w.id = x) "
+    "ORDER BY x"
+)
+_PG_INSERT_IDS_ON_CONFLICT = (
+    f"INSERT INTO window_ids (window_start, dim, id) SELECT $2::bigint, $3::smallint, x {_PG_IDS} "
+    "ORDER BY x ON CONFLICT DO NOTHING"
+)
+_SQLITE_INSERT_IDS = "INSERT INTO window_ids (window_start, dim, id) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
+
 
 @dataclasses.dataclass(slots=True)
 class BatchWindow:
-    """One window's part of a flush batch: ids not yet sent, and counter increments."""
+    """One window's part of a flush batch: ids (``UUID.int``) not yet sent, and counter increments."""
 
-    workspaces: list[uuid.UUID]
-    users: list[uuid.UUID]
+    workspaces: list[int]
+    users: list[int]
     allowed: int
     denied: int
 
@@ -239,33 +252,36 @@ class Store:
             closed |= await self._share_windows(conn, [start], window)
         return start
 
-    async def _insert_ids(self, conn: AsyncConnection, start: int, dim: int, ids: Sequence[uuid.UUID],
+    async def _insert_ids(self, conn: AsyncConnection, start: int, dim: int, ids: Sequence[int],
                           *, count_new: bool = False) -> int:
-        """Insert ids into the window's distinct set; with ``count_new``, return how many were new."""
+        """Insert ``UUID.int`` ids into the window's distinct set; with ``count_new``, return how many were new.
+
+        Ids travel as 32-digit hex text, the form SQLAlchemy's ``Uuid`` stores on SQLite and one that
+        PostgreSQL casts to ``uuid`` on its side; no UUID objects are built.
+        """
         if not ids:
             return 0
-        if self.dialect == "postgresql":
-            # Sorted, so concurrent flushes insert overlapping ids in one order and cannot deadlock.
-            sql = (
-                "INSERT INTO window_ids (window_start, dim, id) "
-                "SELECT CAST(:start AS BIGINT), CAST(:dim AS SMALLINT), x "
-                "FROM unnest(CAST(:ids AS UUID[])) AS x ORDER BY x ON CONFLICT DO NOTHING"
-            )
-            text = sa.text(sql + (" RETURNING 1" if count_new else "")).bindparams(
-                sa.bindparam("ids", type_=postgresql.ARRAY(sa.Uuid(as_uuid=True)))
-            )
-            result = await conn.execute(text, {"start": start, "dim": dim, "ids": sorted(ids)})
-            return len(result.fetchall()) if count_new else 0
-        before = await conn.scalar(sa.text("SELECT total_changes()")) if count_new else 0
-        insert = self._insert(schema.window_ids).on_conflict_do_nothing()
-        for offset in range(0, len(ids), _SQLITE_CHUNK):
-            await conn.execute(
-                insert, [{"window_start": start, "dim": dim, "id": i} for i in ids[offset:offset + _SQLITE_CHUNK]]
-            )
-        if not count_new:
-            return 0
-        after = await conn.scalar(sa.text("SELECT total_changes()"))
-        return int(after or 0) - int(before or 0)
+        hexes = [i.to_bytes(16, "big").hex() for i in ids]  # 4x faster than f"{i:032x}"
+        if self.dialect != "postgresql":
+            before = await conn.scalar(sa.text("SELECT total_changes()")) if count_new else 0
+            for offset in range(0, len(hexes), _SQLITE_CHUNK):
+                await conn.exec_driver_sql(_SQLITE_INSERT_IDS,
+                                           [(start, dim, h) for h in hexes[offset:offset + _SQLITE_CHUNK]])
+            after = await conn.scalar(sa.text("SELECT total_changes()")) if count_new else 0
+            return int(after or 0) - int(before or 0)
+        if count_new:
+            result = await conn.exec_driver_sql(_PG_INSERT_IDS_ON_CONFLICT + " RETURNING 1", (hexes, start, dim))
+            return len(result.fetchall())
+        # Fast path: a plain insert of the ids not stored yet (ON CONFLICT's speculative insertion costs
+        # ~70% more). If another replica inserts one of the same ids concurrently, the unique violation
+        # rolls back to the savepoint and the ON CONFLICT form does the job.
+        try:
+            async with conn.begin_nested():
+                await conn.exec_driver_sql(_PG_INSERT_NEW_IDS, (hexes, start, dim))
+        except sa.exc.IntegrityError:
+            log.debug("ids_insert_fallback", window_start=start, dim=dim, ids=len(hexes))
+            await conn.exec_driver_sql(_PG_INSERT_IDS_ON_CONFLICT, (hexes, start, dim))
+        return 0
 
     async def _add_contribution(self, conn: AsyncConnection, start: int, replica_id: str, *, ontime: bool,
                                 **counts: int) -> None:
@@ -419,7 +435,3 @@ def _sqlite_setup(engine: AsyncEngine) -> None:
     def _on_begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("aggregator_read_only") else "BEGIN IMMEDIATE")
 
-
-def sorted_uuids(values: Iterable[int]) -> list[uuid.UUID]:
-    """``UUID.int`` values as sorted UUIDs, the form the store inserts."""
-    return [uuid.UUID(int=v) for v in sorted(values)]

@@ -346,3 +346,40 @@ def test_grace_delays_collection(database_url: str) -> None:
         assert len(agg.collect()) == 1
         assert agg.collect() == []
     assert by_window(agg.reports())[T0].allowed_requests == 1
+
+
+def test_concurrent_flushes_of_the_same_new_ids_count_once(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replica b inserts ids replica a holds uncommitted: b's fast insert hits the unique violation,
+    falls back to ON CONFLICT, and every user still counts once."""
+    entered, release = threading.Event(), threading.Event()
+    original = store.Store._add_contribution
+
+    async def hold(self: store.Store, conn: object, start: int, replica_id: str, **kwargs: object) -> None:
+        if replica_id == "a" and not entered.is_set():
+            entered.set()  # a's ids are inserted, not committed
+            await asyncio.to_thread(release.wait, 20)
+        await original(self, conn, start, replica_id, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store.Store, "_add_contribution", hold)
+    clock = FakeClock()
+    users = ids(3000, offset=50_000)
+    with manual(pg_url, clock, replica_id="a") as a, manual(pg_url, clock, replica_id="b") as b:
+        b.flush()  # the window row exists and is committed: b's wait is then on a's ids themselves
+        for user in users:
+            a.track(WS[0], user)
+            b.track(WS[0], user)
+        with capture_logs() as logs:
+            first = threading.Thread(target=a.flush)
+            first.start()
+            assert entered.wait(20)
+            second = threading.Thread(target=b.flush)
+            second.start()
+            time.sleep(1.0)  # b is now waiting on a's uncommitted rows
+            release.set()
+            first.join(20)
+            second.join(20)
+        clock.past_window(T0)
+        (report,) = a.collect()
+    assert [e["event"] for e in logs if e["event"] == "ids_insert_fallback"] == ["ids_insert_fallback"]
+    assert (report.unique_users, report.unique_workspaces, report.allowed_requests, report.replicas) == (
+        3000, 1, 6000, 2)
