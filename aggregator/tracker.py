@@ -98,20 +98,21 @@ def moment(value: object) -> float:
 class Tracker:
     """Pending per-window state of one replica, safe to call from any thread.
 
-    ``track()`` only validates and appends ``(workspace, user, allowed, denied, time)`` to a buffer
-    under a short lock; ``drain()`` (a background job, and every flush) folds the buffer into
-    per-window sets and counts. The lock is what makes ``close()`` exact: a call either lands in the
-    buffer before it closes, and so in the final flush, or raises.
+    ``track()`` validates and appends ``(workspace, user, allowed, denied, time)`` to a buffer, with
+    no lock: ``list.append`` is atomic, and ``drain()`` (a background job, and every flush) takes
+    items by position (``del buffer[:n]``), so an append racing a drain lands after position ``n`` and
+    is kept. ``close()`` stays exact without a lock too: a call checks that the tracker is open *after*
+    appending; one that finds it closed waits for the final drain, then returns if its item was taken
+    (it is in the final flush) or removes it and raises if it was not.
     """
 
     def __init__(self, window: int, clock: Callable[[], float] = time.time) -> None:
         self.window = window
         self._clock = clock
-        self._lock = threading.Lock()
-        self._acquire, self._release = self._lock.acquire, self._lock.release
         self._buffer: list[tuple[int, int, int, int, float]] = []
         self._open = True
-        self._fold_lock = threading.Lock()  # drain() and take() (background side only)
+        self._final_drain_done = threading.Event()
+        self._fold_lock = threading.Lock()  # drain() and take(): one taker at a time
         self._pending: dict[int, WindowData] = {}
 
     def track(self, workspace_id: object, user_id: object, allowed: object = 1, denied: object = 0,
@@ -125,23 +126,33 @@ class Tracker:
         else:
             item = (uuid_int(workspace_id, "workspace_id"), uuid_int(user_id, "user_id"),
                     count(allowed, "allowed"), count(denied, "denied"), self._clock() if at is None else moment(at))
-        self._acquire()
-        try:
-            if self._open:
-                self._buffer.append(item)
-                return
-        finally:
-            self._release()
-        raise exceptions.NotRunning("Aggregator is stopped; this event was not recorded. Create a new Aggregator")
+        self._buffer.append(item)
+        if not self._open:
+            self._after_close(item)
 
-    def drain(self) -> None:
+    def _after_close(self, item: tuple[int, int, int, int, float]) -> None:
+        """A call that raced close(): recorded if the final drain took its item, else undone and refused."""
+        self._final_drain_done.wait()
+        buffer = self._buffer
+        for index in range(len(buffer) - 1, -1, -1):
+            if buffer[index] is item:
+                del buffer[index]
+                raise exceptions.NotRunning(
+                    "Aggregator is stopped; this event was not recorded. Create a new Aggregator")
+
+    def _take_buffer(self) -> list[tuple[int, int, int, int, float]]:
+        buffer = self._buffer
+        n = len(buffer)
+        events = buffer[:n]
+        del buffer[:n]  # appends made meanwhile sit after position n and stay
+        return events
+
+    def drain(self) -> int:
         """Fold buffered calls into per-window state (background work, off the caller's path)."""
         with self._fold_lock:
-            self._acquire()
-            events, self._buffer = self._buffer, []
-            self._release()
-            if events:
-                self._fold(events)
+            events = self._take_buffer()
+            self._fold(events)
+        return len(events)
 
     def _fold(self, events: list[tuple[int, int, int, int, float]]) -> None:
         window, pending = self.window, self._pending
@@ -169,13 +180,16 @@ class Tracker:
         data.events += n
 
     def take(self) -> dict[int, WindowData]:
-        """Everything tracked so far, folded, leaving the tracker empty; later calls go to a fresh batch."""
+        """Everything tracked so far, folded, leaving the tracker empty; later calls go to a fresh batch.
+
+        After close(), the first take() is the final drain: calls that raced close() learn from it
+        whether they were included.
+        """
         with self._fold_lock:
-            self._acquire()
-            events, self._buffer = self._buffer, []
-            self._release()
-            self._fold(events)
+            self._fold(self._take_buffer())
             pending, self._pending = self._pending, {}
+            if not self._open:
+                self._final_drain_done.set()
         return pending
 
     def pending_events(self) -> int:
@@ -184,9 +198,12 @@ class Tracker:
         return folded + len(self._buffer)
 
     def close(self) -> None:
-        """Refuse further calls; a call either got in before this (and is in the final take) or raises."""
-        with self._lock:
-            self._open = False
+        """Refuse further calls; each call either is in the final take() or raises."""
+        self._open = False
+
+    def finish(self) -> None:
+        """After close(): no take() will follow (or it has happened); calls waiting on it decide now."""
+        self._final_drain_done.set()
 
     def reset_after_fork(self) -> None:
         """In a forked child: new locks (the parent's may be held) and no inherited data."""

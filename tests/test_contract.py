@@ -383,3 +383,36 @@ def test_concurrent_flushes_of_the_same_new_ids_count_once(pg_url: str, monkeypa
     assert [e["event"] for e in logs if e["event"] == "ids_insert_fallback"] == ["ids_insert_fallback"]
     assert (report.unique_users, report.unique_workspaces, report.allowed_requests, report.replicas) == (
         3000, 1, 6000, 2)
+
+
+def test_calls_racing_stop_are_either_reported_or_refused(database_url: str) -> None:
+    """Threads track flat out while stop() runs: every call that returned is reported, every call
+    that raised is not (five rounds, to give the race many chances)."""
+    clock = FakeClock()
+    accepted = 0
+    for _ in range(5):
+        agg = manual(database_url, clock).start()
+        counts: list[int] = []
+
+        def work(seed: int, agg: Aggregator = agg) -> None:
+            n = 0
+            try:
+                while True:
+                    agg.track(WS[seed % 3], USERS[n % 10], allowed=1, denied=seed % 2)
+                    n += 1 + seed % 2
+            except NotRunning:
+                counts.append(n)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        agg.stop()
+        for t in threads:
+            t.join(10)
+        assert len(counts) == 4
+        accepted += sum(counts)
+    clock.past_window(T0)
+    with manual(database_url, clock) as reader:
+        (report,) = reader.collect()
+    assert report.allowed_requests + report.denied_requests == accepted
