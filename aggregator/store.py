@@ -37,7 +37,7 @@ log = structlog.get_logger("aggregator.store")
 IDLE_IN_TRANSACTION_MS = 60_000
 LOCK_TIMEOUT_MS = 30_000
 SQLITE_BUSY_TIMEOUT_S = 60.0
-_SQLITE_CHUNK = 5_000
+_SQLITE_CHUNK = 50_000
 
 # Ids in sorted order, so concurrent flushes insert overlapping ids in one order and cannot deadlock.
 _PG_IDS = "FROM unnest($1::uuid[]) AS x"
@@ -50,7 +50,11 @@ _PG_INSERT_IDS_ON_CONFLICT = (
     f"INSERT INTO window_ids (window_start, dim, id) SELECT $2::bigint, $3::smallint, x {_PG_IDS} "
     "ORDER BY x ON CONFLICT DO NOTHING"
 )
-_SQLITE_INSERT_IDS = "INSERT INTO window_ids (window_start, dim, id) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
+# One statement per chunk: SQLite walks a JSON array of hex ids itself (~2x an executemany), in key order.
+_SQLITE_INSERT_IDS = (
+    "INSERT INTO window_ids (window_start, dim, id) SELECT ?, ?, value FROM json_each(?) "
+    "ORDER BY value ON CONFLICT DO NOTHING"
+)
 
 
 @dataclasses.dataclass(slots=True)
@@ -265,8 +269,8 @@ class Store:
         if self.dialect != "postgresql":
             before = await conn.scalar(sa.text("SELECT total_changes()")) if count_new else 0
             for offset in range(0, len(hexes), _SQLITE_CHUNK):
-                await conn.exec_driver_sql(_SQLITE_INSERT_IDS,
-                                           [(start, dim, h) for h in hexes[offset:offset + _SQLITE_CHUNK]])
+                chunk = '["' + '","'.join(hexes[offset:offset + _SQLITE_CHUNK]) + '"]'  # hex: nothing to escape
+                await conn.exec_driver_sql(_SQLITE_INSERT_IDS, (start, dim, chunk))
             after = await conn.scalar(sa.text("SELECT total_changes()")) if count_new else 0
             return int(after or 0) - int(before or 0)
         if count_new:

@@ -14,11 +14,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import cast
 
 from aggregator import exceptions
 
 # Per-call ceiling on a count: far above any real request count, far below 64-bit overflow.
 MAX_COUNT = 2**32 - 1
+# Values per call in the tracker's flat buffer: workspace, user, allowed, denied, time.
+FIELDS = 5
 _UUID = uuid.UUID
 
 
@@ -98,21 +101,23 @@ def moment(value: object) -> float:
 class Tracker:
     """Pending per-window state of one replica, safe to call from any thread.
 
-    ``track()`` validates and appends ``(workspace, user, allowed, denied, time)`` to a buffer, with
-    no lock: ``list.append`` is atomic, and ``drain()`` (a background job, and every flush) takes
-    items by position (``del buffer[:n]``), so an append racing a drain lands after position ``n`` and
-    is kept. ``close()`` stays exact without a lock too: a call checks that the tracker is open *after*
-    appending; one that finds it closed waits for the final drain, then returns if its item was taken
-    (it is in the final flush) or removes it and raises if it was not.
+    ``track()`` validates and appends ``workspace, user, allowed, denied, time`` to a flat buffer with
+    one ``list.extend`` of a tuple, which is atomic, so it takes no lock. (Flat, rather than a list of
+    tuples: the tuple is freed at once, so the calls create no objects for the garbage collector to
+    walk, and a drain reads each field as one C-level slice.) ``drain()`` (a background job, and every
+    flush) takes items by position (``del buffer[:n]``), so an append racing a drain lands after
+    position ``n`` and is kept. ``close()`` stays exact without a lock on the hot path too: a call
+    checks that the tracker is open *after* appending; one that finds it closed waits for the final
+    drain, then returns if its item was taken (it is in the final flush) or removes it and raises.
     """
 
     def __init__(self, window: int, clock: Callable[[], float] = time.time) -> None:
         self.window = window
         self._clock = clock
-        self._buffer: list[tuple[int, int, int, int, float]] = []
+        self._buffer: list[float] = []  # FIELDS values per call; ints are ints, the time a float
         self._open = True
         self._final_drain_done = threading.Event()
-        self._fold_lock = threading.Lock()  # drain() and take(): one taker at a time
+        self._fold_lock = threading.Lock()  # drain(), take() and refusals: one at a time
         self._pending: dict[int, WindowData] = {}
 
     def track(self, workspace_id: object, user_id: object, allowed: object = 1, denied: object = 0,
@@ -126,23 +131,29 @@ class Tracker:
         else:
             item = (uuid_int(workspace_id, "workspace_id"), uuid_int(user_id, "user_id"),
                     count(allowed, "allowed"), count(denied, "denied"), self._clock() if at is None else moment(at))
-        self._buffer.append(item)
+        self._buffer.extend(item)
         if not self._open:
             self._after_close(item)
 
     def _after_close(self, item: tuple[int, int, int, int, float]) -> None:
-        """A call that raced close(): recorded if the final drain took its item, else undone and refused."""
-        self._final_drain_done.wait()
-        buffer = self._buffer
-        for index in range(len(buffer) - 1, -1, -1):
-            if buffer[index] is item:
-                del buffer[index]
-                raise exceptions.NotRunning(
-                    "Aggregator is stopped; this event was not recorded. Create a new Aggregator")
+        """A call that raced close(): recorded if the final drain took its item, else undone and refused.
 
-    def _take_buffer(self) -> list[tuple[int, int, int, int, float]]:
+        An untaken item equal to ours may be another call's; removing either leaves the same state,
+        and that call then finds none left and counts as recorded, so each equal call is one or the other.
+        """
+        self._final_drain_done.wait()
+        values = list(item)
+        with self._fold_lock:
+            buffer = self._buffer
+            for index in range(len(buffer) - FIELDS, -1, -FIELDS):
+                if buffer[index:index + FIELDS] == values:
+                    del buffer[index:index + FIELDS]
+                    raise exceptions.NotRunning(
+                        "Aggregator is stopped; this event was not recorded. Create a new Aggregator")
+
+    def _take_buffer(self) -> list[float]:
         buffer = self._buffer
-        n = len(buffer)
+        n = len(buffer)  # a multiple of FIELDS: each extend() is atomic
         events = buffer[:n]
         del buffer[:n]  # appends made meanwhile sit after position n and stay
         return events
@@ -152,32 +163,32 @@ class Tracker:
         with self._fold_lock:
             events = self._take_buffer()
             self._fold(events)
-        return len(events)
+        return len(events) // FIELDS
 
-    def _fold(self, events: list[tuple[int, int, int, int, float]]) -> None:
+    def _fold(self, events: list[float]) -> None:
+        if not events:
+            return
         window, pending = self.window, self._pending
-        low = high = 0.0
-        data = WindowData()
-        add_workspace = add_user = data.workspaces.add
-        allowed = denied = n = 0
-        for workspace, user, a, d, t in events:
-            if not low <= t < high:  # another window (rare: at boundaries, or explicit times)
-                data.allowed += allowed
-                data.denied += denied
-                data.events += n
-                allowed = denied = n = 0
-                start = int(t // window) * window
-                low, high = start, start + window
-                data = pending.get(start) or pending.setdefault(start, WindowData())
-                add_workspace, add_user = data.workspaces.add, data.users.add
-            add_workspace(workspace)
-            add_user(user)
-            allowed += a
-            denied += d
-            n += 1
-        data.allowed += allowed
-        data.denied += denied
-        data.events += n
+        # Columns of the flat buffer; all but the times hold ints (the buffer's type cannot say so).
+        workspaces, users, allowed, denied = (cast("list[int]", events[i::FIELDS]) for i in range(FIELDS - 1))
+        times = events[FIELDS - 1::FIELDS]
+        start = int(min(times) // window) * window
+        if max(times) < start + window:  # all in one window (the usual case): fold column by column
+            data = pending.get(start) or pending.setdefault(start, WindowData())
+            data.workspaces.update(workspaces)
+            data.users.update(users)
+            data.allowed += sum(allowed)
+            data.denied += sum(denied)
+            data.events += len(times)
+            return
+        for workspace, user, a, d, t in zip(workspaces, users, allowed, denied, times, strict=True):
+            start = int(t // window) * window
+            data = pending.get(start) or pending.setdefault(start, WindowData())
+            data.workspaces.add(workspace)
+            data.users.add(user)
+            data.allowed += a
+            data.denied += d
+            data.events += 1
 
     def take(self) -> dict[int, WindowData]:
         """Everything tracked so far, folded, leaving the tracker empty; later calls go to a fresh batch.
@@ -195,7 +206,7 @@ class Tracker:
     def pending_events(self) -> int:
         with self._fold_lock:
             folded = sum(data.events for data in self._pending.values())
-        return folded + len(self._buffer)
+        return folded + len(self._buffer) // FIELDS
 
     def close(self) -> None:
         """Refuse further calls; each call either is in the final take() or raises."""

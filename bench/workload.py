@@ -23,7 +23,8 @@ Pair = tuple[uuid.UUID, uuid.UUID]
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Sizes:
-    calls: int  # track() calls per repetition (rows 1-3)
+    calls: int  # track() calls per repetition (rows 1-2)
+    thread_calls: int  # track() calls per repetition (row 3): long enough to include background drains
     reps: int  # repetitions of the cheap rows (1-3, 6)
     pg_reps: int  # repetitions of the PostgreSQL rows (4, 5)
     flush_ids: int  # distinct users flushed at once (row 4)
@@ -36,9 +37,11 @@ class Sizes:
     daemon_clients: int
 
 
-FULL = Sizes(calls=200_000, reps=5, pg_reps=3, flush_ids=1_000_000, naive_sample=5_000, collect_ids=1_000_000,
+FULL = Sizes(calls=200_000, thread_calls=1_000_000,
+             reps=5, pg_reps=3, flush_ids=1_000_000, naive_sample=5_000, collect_ids=1_000_000,
              replicas=1_000, memory_ids=1_000_000, memory_reps=5, daemon_seconds=10.0, daemon_clients=2)
-QUICK = Sizes(calls=20_000, reps=3, pg_reps=2, flush_ids=50_000, naive_sample=500, collect_ids=50_000,
+QUICK = Sizes(calls=20_000, thread_calls=50_000,
+              reps=3, pg_reps=2, flush_ids=50_000, naive_sample=500, collect_ids=50_000,
               replicas=1_000, memory_ids=100_000, memory_reps=2, daemon_seconds=2.0, daemon_clients=2)
 
 

@@ -394,7 +394,7 @@ def test_calls_racing_stop_are_either_reported_or_refused(database_url: str) -> 
         agg = manual(database_url, clock).start()
         counts: list[int] = []
 
-        def work(seed: int, agg: Aggregator = agg) -> None:
+        def work(seed: int, agg: Aggregator = agg, counts: list[int] = counts) -> None:
             n = 0
             try:
                 while True:
