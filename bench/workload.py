@@ -33,16 +33,19 @@ class Sizes:
     replicas: int  # contributions rows in the collected window (row 5)
     memory_ids: int  # distinct users held in memory (row 6)
     memory_reps: int  # three processes each
+    memory_traced_reps: int  # our side under tracemalloc (~30 s per million ids)
     daemon_seconds: float  # how long the HTTP clients send (row 7)
     daemon_clients: int
 
 
 FULL = Sizes(calls=200_000, thread_calls=1_000_000,
              reps=5, pg_reps=3, flush_ids=1_000_000, naive_sample=5_000, collect_ids=1_000_000,
-             replicas=1_000, memory_ids=1_000_000, memory_reps=5, daemon_seconds=10.0, daemon_clients=2)
+             replicas=1_000, memory_ids=1_000_000, memory_reps=5, memory_traced_reps=3, daemon_seconds=10.0,
+             daemon_clients=2)
 QUICK = Sizes(calls=20_000, thread_calls=50_000,
               reps=3, pg_reps=2, flush_ids=50_000, naive_sample=500, collect_ids=50_000,
-              replicas=1_000, memory_ids=100_000, memory_reps=2, daemon_seconds=2.0, daemon_clients=2)
+              replicas=1_000, memory_ids=100_000, memory_reps=2, memory_traced_reps=1, daemon_seconds=2.0,
+              daemon_clients=2)
 
 
 def random_uuids(rng: random.Random, n: int) -> list[uuid.UUID]:
