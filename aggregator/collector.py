@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
 
@@ -30,7 +30,8 @@ class CollectorStats:
 class Collector:
     def __init__(self, store_: store.Store, *, collector_id: str, grace: float, id_retention: float,
                  clock: Callable[[], float] = time.time,
-                 on_locked: Callable[[], Awaitable[None]] | None = None) -> None:
+                 on_locked: Callable[[], Awaitable[None]] | None = None, writers: Sequence[str] = (),
+                 on_written: Callable[[], None] | None = None, outbox_retention: float = 7 * 86400.0) -> None:
         self.store = store_
         self.collector_id = collector_id
         self.grace = grace
@@ -38,6 +39,9 @@ class Collector:
         self.stats = CollectorStats()
         self._clock = clock
         self._on_locked = on_locked
+        self.writers = list(writers)  # each report is queued for these, in its own commit
+        self._on_written = on_written
+        self.outbox_retention = outbox_retention
         self.busy = asyncio.Lock()  # held while a run is in progress; stop() waits on it
         self._last_prune = 0.0
 
@@ -50,7 +54,8 @@ class Collector:
                 for start in await self.store.due_windows(self._clock(), self.grace):
                     began = time.monotonic()
                     row = await self.store.collect_window(
-                        start, collector_id=self.collector_id, now=self._clock(), on_locked=self._on_locked
+                        start, collector_id=self.collector_id, now=self._clock(), on_locked=self._on_locked,
+                        writers=self.writers,
                     )
                     if row is None:
                         continue
@@ -63,7 +68,9 @@ class Collector:
                              replicas=report.replicas, late_allowed=report.late_allowed_requests,
                              late_denied=report.late_denied_requests,
                              duration_ms=round((time.monotonic() - began) * 1000, 2),
-                             collector_id=self.collector_id)
+                             collector_id=self.collector_id, queued_for=self.writers)
+                if written and self._on_written is not None:
+                    self._on_written()
                 await self._prune_now_and_then()
             except Exception as exc:
                 self.stats.failures += 1
@@ -78,5 +85,6 @@ class Collector:
             return
         self._last_prune = now
         deleted = await self.store.prune(before=now - self.id_retention)
-        if deleted:
-            log.info("prune", ids_deleted=deleted, collector_id=self.collector_id)
+        delivered = await self.store.prune_outbox(before=now - self.outbox_retention)
+        if deleted or delivered:
+            log.info("prune", ids_deleted=deleted, outbox_deleted=delivered, collector_id=self.collector_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -107,6 +108,72 @@ def mask_url(url: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class DeliverySettings:
+    """Report delivery: the writers (``[writers.NAME]`` tables), pseudonymization, the outbox's retry policy."""
+
+    writers: tuple[tuple[str, dict[str, Any]], ...] = ()
+    pseudonym_key: str | None = dataclasses.field(default=None, repr=False)  # a secret
+    pseudonym_allowlist: tuple[str, ...] = ()
+    max_attempts: int = 12
+    backoff_initial: float = 1.0
+    backoff_max: float = 600.0
+    poll_interval: float = 5.0
+    drain_timeout: float = 10.0
+    retention: float = 7 * 86400.0  # delivered items are kept this long, then pruned
+
+    @classmethod
+    def build(cls, *, writers: Mapping[str, Any] | None = None, pseudonym_key: str | None = None,
+              pseudonym_allowlist: Any = (), max_attempts: Any = 12, backoff_initial: Any = "1s",
+              backoff_max: Any = "10m", poll_interval: Any = "5s", drain_timeout: Any = "10s",
+              retention: Any = "7d") -> DeliverySettings:
+        """Validated delivery settings; ``pseudonym_key`` falls back to ``$AGGREGATOR_PSEUDONYM_KEY``."""
+        tables = _writers(writers or {}, "writers")
+        key = pseudonym_key if pseudonym_key is not None else os.environ.get("AGGREGATOR_PSEUDONYM_KEY") or None
+        if key is not None and (not isinstance(key, str) or len(key.encode()) < 16):
+            # The key is a secret: the message names the setting, never the value.
+            raise exceptions.ConfigError("pseudonym_key must be a string of at least 16 bytes, e.g. from "
+                                         "`python3 -c 'import secrets; print(secrets.token_hex(32))'`")
+        initial = parse_duration(backoff_initial, key="outbox_backoff_initial")
+        maximum = parse_duration(backoff_max, key="outbox_backoff_max")
+        if maximum < initial:
+            raise exceptions.ConfigError(
+                f"outbox_backoff_max={backoff_max!r} is shorter than outbox_backoff_initial={backoff_initial!r}")
+        return cls(
+            writers=tables, pseudonym_key=key, pseudonym_allowlist=_names(pseudonym_allowlist, "pseudonym_allowlist"),
+            max_attempts=_integer(1, 1000)(max_attempts, "outbox_max_attempts"), backoff_initial=initial,
+            backoff_max=maximum, poll_interval=parse_duration(poll_interval, key="outbox_poll_interval"),
+            drain_timeout=parse_duration(drain_timeout, key="outbox_drain_timeout"),
+            retention=parse_duration(retention, key="outbox_retention"),
+        )
+
+
+def _writers(value: object, key: str) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """Writer tables from TOML (a table of tables) or the environment (the same as JSON)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise exceptions.ConfigError(
+                f"{key} is not valid JSON ({exc.msg} at character {exc.pos}); in the environment give "
+                'e.g. {"jsonl": {"directory": "/var/lib/aggregator/reports"}}') from None
+    if not isinstance(value, Mapping) or not all(isinstance(t, Mapping) for t in value.values()):
+        raise exceptions.ConfigError(
+            f"{key} must be a table of writer tables, e.g. [writers.jsonl] directory = \"/var/lib/aggregator/reports\"")
+    for name in value:
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", name):
+            raise exceptions.ConfigError(
+                f"writer name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+    return tuple((str(name), dict(table)) for name, table in value.items())
+
+
+def _names(value: object, key: str) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple | frozenset | set) or not all(isinstance(t, str) for t in items):
+        raise exceptions.ConfigError(f"{key}={value!r} must be a list of field names (TOML) or comma-separated")
+    return tuple(sorted({t.strip() for t in items if t.strip()}))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
     """Everything an Aggregator needs, validated."""
 
@@ -119,6 +186,7 @@ class Settings:
     collect_interval: float
     stop_timeout: float = 30.0
     id_retention: float = 86400.0 * 2
+    delivery: DeliverySettings = DeliverySettings()
 
     @classmethod
     def build(
@@ -133,6 +201,7 @@ class Settings:
         collect_interval: str | float | None = None,
         stop_timeout: str | float = "30s",
         id_retention: str | float = "2d",
+        delivery: DeliverySettings | None = None,
     ) -> Settings:
         window_s = parse_window(window, key="window")
         flush_s = parse_duration(flush_interval, key="flush_interval")
@@ -155,6 +224,7 @@ class Settings:
             collect_interval=collect_s,
             stop_timeout=parse_duration(stop_timeout, key="stop_timeout"),
             id_retention=parse_duration(id_retention, key="id_retention"),
+            delivery=delivery or DeliverySettings.build(),
         )
 
     @property
@@ -273,6 +343,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_event_future", "5m", _duration,
            "furthest event time in the future accepted by the API"),
     Option("shutdown_timeout", "30s", _duration, "bound on a clean stop: drain requests, final flush"),
+    Option("writers", None, _writers,
+           "report writers: TOML tables [writers.NAME] (type jsonl or snowplow); in the environment, the same as JSON"),
+    Option("pseudonym_key", None, lambda v, k: _text(v, k),
+           "secret key (>= 16 bytes) for HMAC-SHA256 pseudonyms of identifiers that leave the system", secret=True),
+    Option("pseudonym_allowlist", "", _names, "identifier fields that may leave in clear (e.g. generated_by)"),
+    Option("outbox_max_attempts", 12, _integer(1, 1000), "delivery attempts before an item is dead-lettered"),
+    Option("outbox_backoff_initial", "1s", _duration, "delay before the first retry; doubles each attempt"),
+    Option("outbox_backoff_max", "10m", _duration, "longest delay between retries"),
+    Option("outbox_poll_interval", "5s", _duration, "how often delivery looks for due items without a wake-up"),
+    Option("outbox_drain_timeout", "10s", _duration, "bound on delivering due items at shutdown"),
+    Option("outbox_retention", "7d", _duration, "how long delivered items are kept (dead ones stay)"),
     Option("log_level", "info", _choice("debug", "info", "warning", "error"), "log level"),
     Option("log_format", "auto", _choice("auto", "json", "console"),
            "auto: JSON lines when not on a terminal (journald), readable on one"),
@@ -305,6 +386,11 @@ class DaemonSettings:
         out["database_url"] = mask_url(effective.database_url)
         out["api_tokens"] = f"<{len(self.values['api_tokens'])} tokens>"
         out["listen"] = "{}:{}".format(*self.values["listen"])
+        out["pseudonym_key"] = "<set>" if effective.delivery.pseudonym_key else None
+        out["writers"] = {name: _masked_table(table) for name, table in effective.delivery.writers}
+        for key in ("outbox_backoff_initial", "outbox_backoff_max", "outbox_poll_interval", "outbox_drain_timeout",
+                    "outbox_retention"):
+            out[key] = f"{self.values[key]:g}s"
         return out
 
 
@@ -340,6 +426,12 @@ def load_daemon_settings(flags: dict[str, Any], environ: Mapping[str, str] | Non
         database_url=values["database_url"], replica_id=values["replica_id"], window=values["window"],
         flush_interval=values["flush_interval"], grace=values["grace"], collect=True,
         collect_interval=values["collect_interval"], stop_timeout=values["shutdown_timeout"],
+        delivery=DeliverySettings.build(
+            writers=dict(values["writers"] or ()), pseudonym_key=values["pseudonym_key"],
+            pseudonym_allowlist=values["pseudonym_allowlist"], max_attempts=values["outbox_max_attempts"],
+            backoff_initial=values["outbox_backoff_initial"], backoff_max=values["outbox_backoff_max"],
+            poll_interval=values["outbox_poll_interval"], drain_timeout=values["outbox_drain_timeout"],
+            retention=values["outbox_retention"]),
     )
     return DaemonSettings(values=values, sources=sources, aggregator=aggregator)
 
@@ -352,12 +444,20 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise exceptions.ConfigError(f"config file {path} does not exist") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise exceptions.ConfigError(f"config file {path} cannot be read: {exc}") from exc
-    section = data.get("aggregator", data)  # keys at the top level or under [aggregator]
+    section = dict(data.get("aggregator", data))  # keys at the top level or under [aggregator]
+    if "aggregator" in data and "writers" in data:  # [writers.NAME] tables beside [aggregator]
+        section["writers"] = data["writers"]
     unknown = sorted(set(section) - set(OPTIONS_BY_KEY))
     if unknown:
         raise exceptions.ConfigError(
             f"config file {path}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(OPTIONS_BY_KEY)}")
     return dict(section)
+
+
+def _masked_table(table: Mapping[str, Any]) -> dict[str, Any]:
+    """A writer table for logs: header values and anything named like a secret hidden."""
+    secret = re.compile(r"(?i)header|token|secret|password|key")
+    return {k: "***" if secret.search(k) else v for k, v in table.items()}
 
 
 def _is_loopback(host: str) -> bool:

@@ -18,13 +18,15 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from aggregator import collector, config, exceptions, flush, migrate, store, tracker
+from aggregator import outbox as outbox_module
+from aggregator import writers as writers_module
 
 # The class has a method named `reports`; the type is imported by name so annotations stay unambiguous.
 from aggregator.reports import Report
@@ -55,12 +57,28 @@ class Aggregator:
         handle_sigterm: bool = True,
         clock: Callable[[], float] = time.time,
         on_collector_locked: Callable[[], Awaitable[None]] | None = None,
+        writers: Mapping[str, Mapping[str, Any]] | Sequence[writers_module.Writer] | None = None,
+        pseudonym_key: str | None = None,
+        pseudonym_allowlist: Iterable[str] = (),
+        outbox: Mapping[str, Any] | None = None,
+        delivery: config.DeliverySettings | None = None,
     ) -> None:
+        # writers: tables as in the daemon's [writers.NAME] config, or Writer objects (custom writers).
+        # outbox: the retry knobs (max_attempts, backoff_initial, backoff_max, poll_interval, drain_timeout,
+        # retention). delivery: all of it, validated (from_settings passes the daemon's).
+        instances = list(writers) if writers is not None and not isinstance(writers, Mapping) else []
+        if delivery is None:
+            delivery = config.DeliverySettings.build(
+                writers=writers if isinstance(writers, Mapping) else None, pseudonym_key=pseudonym_key,
+                pseudonym_allowlist=tuple(pseudonym_allowlist), **dict(outbox or {}))
         self.settings = config.Settings.build(
             database_url=database_url, replica_id=replica_id, window=window, flush_interval=flush_interval,
             grace=grace, collect=collect, collect_interval=collect_interval, stop_timeout=stop_timeout,
-            id_retention=id_retention,
+            id_retention=id_retention, delivery=delivery,
         )
+        # Built now, so a bad writer table fails here rather than at start().
+        self._writers = instances or [writers_module.build(name, table) for name, table in delivery.writers]
+        self._deliverer: outbox_module.Deliverer | None = None
         self._auto_replica_id = replica_id is None
         self._handle_sigterm = handle_sigterm
         self._clock = clock
@@ -90,7 +108,7 @@ class Aggregator:
         return cls(database_url=s.database_url, replica_id=s.replica_id, window=s.window,
                    flush_interval=s.flush_interval, grace=s.grace, collect=s.collect,
                    collect_interval=s.collect_interval, stop_timeout=s.stop_timeout, id_retention=s.id_retention,
-                   **kwargs)
+                   delivery=s.delivery, **kwargs)
 
     # ---- the hot path ----------------------------------------------------------------------
 
@@ -260,17 +278,32 @@ class Aggregator:
             out["flush"] = self._flusher.stats
         if self._collector is not None:
             out["collector"] = self._collector.stats
+        if self._deliverer is not None:
+            out["delivery"] = self._deliverer.stats
         return out
+
+    async def aoutbox(self) -> list[dict[str, Any]]:
+        """The outbox per writer and status: item counts and the oldest item's creation time."""
+        self._require_running()
+        db = self._store
+        assert db is not None
+        return await self._on_own_loop(db.outbox_summary)
 
     # ---- inside the loop ----------------------------------------------------------------------
 
     async def _open(self) -> None:
         s = self.settings
+        d = s.delivery
         db = store.Store(s.database_url)
         try:
             await migrate.ensure_current(db, auto_upgrade=db.dialect == "sqlite")
             await db.check_window(s.window_seconds)
+            if self._writers:  # refuses to start without a pseudonym key, or if a writer cannot open
+                self._deliverer = outbox_module.Deliverer.from_settings(db, self._writers, d, claimer=s.replica_id,
+                                                                        clock=self._clock)
+                await self._deliverer.start()
         except BaseException:
+            self._deliverer = None
             await db.close()
             raise
         self._store = db
@@ -282,7 +315,8 @@ class Aggregator:
         if s.collect:
             self._collector = collector.Collector(
                 db, collector_id=s.replica_id, grace=s.grace, id_retention=s.id_retention, clock=self._clock,
-                on_locked=self._on_collector_locked,
+                on_locked=self._on_collector_locked, writers=[w.name for w in self._writers],
+                on_written=self._deliverer.wake if self._deliverer else None, outbox_retention=d.retention,
             )
             scheduler.add_job(self._scheduled_collect, "interval", seconds=s.collect_interval, id="collect",
                               jitter=s.collect_interval / 2, max_instances=1, coalesce=True,
@@ -319,6 +353,11 @@ class Aggregator:
                 self._scheduler.shutdown(wait=False)
             await self._final_flush()
         finally:
+            if self._deliverer is not None:
+                try:
+                    await self._deliverer.stop(self.settings.delivery.drain_timeout)
+                except exceptions.AggregatorError as exc:  # items stay queued; the database is what failed
+                    log.warning("delivery_stop_failed", error=str(exc))
             self._tracker.finish()
             await self._store.close()
             self._state = "stopped"
@@ -430,7 +469,7 @@ class Aggregator:
             self.settings = _replace_replica_id(self.settings, config.new_replica_id())
         # The parent's loop, thread and pooled connections belong to the parent; drop them unclosed.
         self._loop = self._thread = self._store = self._flusher = self._collector = self._scheduler = None
-        self._drainer = None
+        self._drainer = self._deliverer = None
         self._mode = None
         self._state = "new"
         self._gate = self._restart_after_fork if was_running_thread else None

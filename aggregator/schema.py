@@ -104,3 +104,33 @@ collector_lock = sa.Table(
     sa.Column("holder", sa.String(200), nullable=True),
     sa.Column("acquired_at", sa.Float, nullable=True),
 )
+
+# Delivery queue: one row per (item, writer), inserted in the transaction that creates the item (a
+# report's own), so nothing written is lost before delivery. Delivery loops lease rows
+# (claimed_by/claimed_until), send them outside any transaction, then settle them.
+OUTBOX_STATUSES = ("pending", "delivered", "dead")
+outbox = sa.Table(
+    "outbox",
+    metadata,
+    sa.Column("id", _BigSerial, primary_key=True, autoincrement=True),
+    sa.Column("writer", sa.String(64), nullable=False),
+    # Stable per (item, writer), so a receiver can drop the duplicates of at-least-once delivery.
+    sa.Column("event_id", sa.Uuid(as_uuid=True), nullable=False),
+    sa.Column("kind", sa.String(64), nullable=False),
+    sa.Column("schema_uri", sa.String(255), nullable=False),
+    sa.Column("occurred_at", sa.Float, nullable=False),
+    # The item as JSON, identifiers raw: they are pseudonymized on the way out, under the key in force.
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("report_id", sa.BigInteger, sa.ForeignKey("reports.id"), nullable=True),
+    sa.Column("status", sa.String(16), nullable=False, server_default="pending"),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", sa.Float, nullable=False),
+    sa.Column("claimed_by", sa.String(200), nullable=True),
+    sa.Column("claimed_until", sa.Float, nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("delivered_at", sa.Float, nullable=True),
+    sa.UniqueConstraint("writer", "event_id", name="uq_outbox_writer_event_id"),
+    sa.CheckConstraint("status IN ('pending', 'delivered', 'dead')", name="status"),
+)
+sa.Index("ix_outbox_due", outbox.c.writer, outbox.c.status, outbox.c.next_attempt_at)

@@ -29,6 +29,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from aggregator import config, exceptions, schema
+from aggregator.store.outbox import OutboxQueries
 
 log = structlog.get_logger("aggregator.store")
 
@@ -117,7 +118,7 @@ def _scrub(message: str, password: str | None) -> str:
     return message.replace(password, "***") if password else message
 
 
-class Store:
+class Store(OutboxQueries):
     """The database behind one Aggregator: an async engine and the statements it runs."""
 
     def __init__(self, url: str, *, pool_size: int = 5) -> None:
@@ -159,12 +160,18 @@ class Store:
                     )
                 yield conn
 
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reads (deferred BEGIN on SQLite); driver errors become our exceptions."""
+        async with translated(self.url), self.reader.connect() as conn:
+            yield conn
+
     # ---- settings shared by all replicas -------------------------------------------------------
 
     async def check_window(self, window: int) -> None:
         """Record the window length on first use; refuse a replica configured differently."""
         query = sa.select(schema.meta.c.value).where(schema.meta.c.key == "window_seconds")
-        async with translated(self.url), self.reader.connect() as conn:
+        async with self.read() as conn:
             stored = await conn.scalar(query)
         if stored is None:
             async with self.transaction() as conn:
@@ -303,7 +310,7 @@ class Store:
 
     async def due_windows(self, now: float, grace: float) -> list[int]:
         """Open windows whose end plus grace has passed, oldest first."""
-        async with translated(self.url), self.reader.connect() as conn:
+        async with self.read() as conn:
             rows = await conn.execute(
                 sa.select(schema.windows.c.window_start)
                 .where(schema.windows.c.closed_at.is_(None), schema.windows.c.window_end <= now - grace)
@@ -311,13 +318,14 @@ class Store:
             )
             return [start for (start,) in rows]
 
-    async def collect_window(self, start: int, *, collector_id: str, now: float,
-                             on_locked: Any = None) -> dict[str, Any] | None:
+    async def collect_window(self, start: int, *, collector_id: str, now: float, on_locked: Any = None,
+                             writers: Sequence[str] = ()) -> dict[str, Any] | None:
         """Write the report of window ``start`` and close it, if nobody has; returns the report row.
 
         Returns None when another collector is collecting it or it is already reported.
         ``on_locked`` (an async callable) runs once the locks are held; tests use it to kill a
-        collector at the worst moment.
+        collector at the worst moment. The report is queued in the outbox for each of ``writers`` in
+        the same commit, so a written report always reaches its writers.
         """
         async with self.transaction() as conn:
             # The window row, skipped if locked: another collector is on it (or a late flush is).
@@ -340,6 +348,7 @@ class Store:
             await conn.execute(
                 sa.update(schema.windows).where(schema.windows.c.window_start == start).values(closed_at=now)
             )
+            await self._enqueue_report(conn, report, writers, now)
         return report
 
     async def _aggregate(self, conn: AsyncConnection, start: int, end: int) -> dict[str, Any]:
@@ -405,11 +414,11 @@ class Store:
             query = query.where(r.c.id > after_id)
         if limit is not None:
             query = query.limit(limit)
-        async with translated(self.url), self.reader.connect() as conn:
+        async with self.read() as conn:
             return [dict(row._mapping) for row in await conn.execute(query)]
 
     async def ping(self) -> None:
-        async with translated(self.url), self.reader.connect() as conn:
+        async with self.read() as conn:
             await conn.execute(sa.text("SELECT 1"))
 
 
