@@ -1,4 +1,4 @@
-"""The ``aggregator`` command: ``run``, ``config check``, ``db upgrade``, ``reports``, ``demo``.
+"""The ``aggregator`` command: ``run``, ``config check``, ``db upgrade``, ``reports``, ``export``, ``outbox``, ``demo``.
 
 Every option falls back to an ``AGGREGATOR_*`` environment variable; ``--help`` names it.
 Exit codes: 0 success, 1 failure at run time (database, a demo mismatch), 2 bad usage or settings.
@@ -51,6 +51,39 @@ def build_parser() -> argparse.ArgumentParser:
                 choices=["table", "json", "csv"])
     report.set_defaults(run=_reports)
 
+    export = commands.add_parser("export", help="write reports after a cursor to an idempotent CSV file")
+    _env_option(export, "--database-url", "AGGREGATOR_DATABASE_URL", "database URL")
+    export.add_argument("--format", default="csv", choices=["csv"], help="file format [default: csv]")
+    _env_option(export, "--since", "AGGREGATOR_EXPORT_SINCE", "cursor: the last report id already exported",
+                default="0")
+    export.add_argument("--until", default=None, help="last report id to include [default: the newest]")
+    _env_option(export, "--out", "AGGREGATOR_EXPORT_DIR", "directory for the file", required=False)
+    _env_option(export, "--s3", "AGGREGATOR_EXPORT_S3", "also upload to s3://bucket/prefix (needs aggregator[s3])")
+    _env_option(export, "--s3-endpoint-url", "AGGREGATOR_EXPORT_S3_ENDPOINT_URL",
+                "S3-compatible endpoint, e.g. http://127.0.0.1:9000 for MinIO")
+    _pseudonym_options(export)
+    export.set_defaults(run=_export)
+
+    box = commands.add_parser("outbox", help="report delivery: status, items, dead-letter retry").add_subparsers(
+        dest="outbox_command", required=True, metavar="OUTBOX_COMMAND")
+    status = box.add_parser("status", help="items per writer and status, and the oldest one's age")
+    items = box.add_parser("list", help="items, newest errors included (default: dead ones)")
+    items.add_argument("--status", default="dead", choices=["pending", "delivered", "dead", "all"])
+    items.add_argument("--writer", default=None)
+    items.add_argument("--limit", type=int, default=100)
+    retry = box.add_parser("retry", help="send dead items again: all, one writer's (--writer) or some (--id)")
+    retry.add_argument("--writer", default=None)
+    retry.add_argument("--id", dest="ids", type=int, action="append", default=None, metavar="ID")
+    enqueue = box.add_parser("enqueue", help="queue existing reports for a writer added later")
+    enqueue.add_argument("--writer", required=True)
+    enqueue.add_argument("--since", type=int, default=0, help="queue reports with id above this [default: 0]")
+    for sub, handler in ((status, _outbox_status), (items, _outbox_list), (retry, _outbox_retry),
+                         (enqueue, _outbox_enqueue)):
+        _env_option(sub, "--database-url", "AGGREGATOR_DATABASE_URL", "database URL")
+        if sub is not retry and sub is not enqueue:
+            sub.add_argument("--format", default="table", choices=["table", "json"])
+        sub.set_defaults(run=handler)
+
     demo = commands.add_parser("demo", help="several replica processes, live windows, reports checked against truth")
     _env_option(demo, "--replicas", "AGGREGATOR_DEMO_REPLICAS", "replica processes", default="3")
     _env_option(demo, "--window", "AGGREGATOR_WINDOW", "report window", default="10s")
@@ -69,6 +102,13 @@ def _daemon_options(parser: argparse.ArgumentParser) -> None:
         shown = "unset" if option.default in (None, "") else option.default
         parser.add_argument(option.flag, dest=option.key, default=None, metavar=option.key.upper(),
                             help=f"{option.help} [env: {option.env}; default: {shown}]")
+
+
+def _pseudonym_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pseudonym-key", default=None, metavar="KEY",
+                        help="HMAC key for identifiers [env: AGGREGATOR_PSEUDONYM_KEY; prefer the variable]")
+    _env_option(parser, "--pseudonym-allowlist", "AGGREGATOR_PSEUDONYM_ALLOWLIST",
+                "comma-separated identifier fields that may leave in clear", default="")
 
 
 def _daemon_settings(args: argparse.Namespace) -> config.DaemonSettings:
@@ -151,3 +191,110 @@ def _demo(args: argparse.Namespace) -> int:
         flush_interval=config.parse_duration(args.flush_interval, key="--flush-interval"),
         database_url=args.database_url,
     )
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from aggregator import export, privacy
+
+    if not args.out:
+        raise exceptions.ConfigError("--out is required: the directory to write the CSV file to")
+    delivery = config.DeliverySettings.build(pseudonym_key=args.pseudonym_key,
+                                             pseudonym_allowlist=args.pseudonym_allowlist)
+    pseudonymizer = privacy.Pseudonymizer(delivery.pseudonym_key, delivery.pseudonym_allowlist)
+    since, until = _whole(args.since, "--since"), None if args.until is None else _whole(args.until, "--until")
+
+    async def run() -> export.ExportResult:
+        db = await _open_store(args.database_url)
+        try:
+            return await export.export_csv(db, pseudonymizer, since=since, until=until, out_dir=Path(args.out),
+                                           s3_url=args.s3 or None, s3_endpoint_url=args.s3_endpoint_url or None)
+        finally:
+            await db.close()
+
+    print(export.summary(asyncio.run(run())))
+    return 0
+
+
+def _outbox_status(args: argparse.Namespace) -> int:
+    import time
+
+    rows = asyncio.run(_with_store(args.database_url, lambda db: db.outbox_summary()))
+    now = time.time()
+    shown = [{"writer": r["writer"], "status": r["status"], "items": r["items"],
+              "oldest_age_s": round(now - r["oldest"], 1)} for r in rows]
+    _print_rows(shown, args.format, empty="the outbox is empty")
+    return 0
+
+
+def _outbox_list(args: argparse.Namespace) -> int:
+    status = None if args.status == "all" else args.status
+    rows = asyncio.run(_with_store(args.database_url, lambda db: db.outbox_items(
+        status=status, writer=args.writer, limit=args.limit)))
+    shown = [{"id": r["id"], "writer": r["writer"], "status": r["status"], "attempts": r["attempts"],
+              "report_id": r["report_id"], "event_id": str(r["event_id"]), "last_error": r["last_error"] or ""}
+             for r in rows]
+    _print_rows(shown, args.format, empty=f"no {args.status} items")
+    return 0
+
+
+def _outbox_retry(args: argparse.Namespace) -> int:
+    import time
+
+    n = asyncio.run(_with_store(args.database_url, lambda db: db.retry_outbox(
+        now=time.time(), writer=args.writer, ids=args.ids)))
+    print(f"{n} dead item(s) queued again")
+    return 0
+
+
+def _outbox_enqueue(args: argparse.Namespace) -> int:
+    import time
+
+    n = asyncio.run(_with_store(args.database_url, lambda db: db.enqueue_reports(
+        args.writer, after_id=args.since, now=time.time())))
+    print(f"{n} report(s) queued for writer {args.writer!r}")
+    return 0
+
+
+async def _open_store(url: str | None) -> Any:
+    from aggregator import store
+
+    db = store.Store(config.resolve_database_url(url), pool_size=1)
+    try:
+        await migrate.ensure_current(db, auto_upgrade=db.dialect == "sqlite")
+    except BaseException:
+        await db.close()
+        raise
+    return db
+
+
+async def _with_store(url: str | None, action: Any) -> Any:
+    db = await _open_store(url)
+    try:
+        return await action(db)
+    finally:
+        await db.close()
+
+
+def _whole(value: str, flag: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise exceptions.ConfigError(f"{flag}={value!r} must be a report id (a whole number >= 0)") from None
+
+
+def _print_rows(rows: list[dict[str, Any]], fmt: str, *, empty: str) -> None:
+    import json
+
+    if fmt == "json":
+        sys.stdout.write("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+        return
+    if not rows:
+        print(empty)
+        return
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns).rstrip())
+    for row in rows:
+        print("  ".join(str(row[c]).ljust(widths[c]) for c in columns).rstrip())

@@ -433,7 +433,21 @@ def load_daemon_settings(flags: dict[str, Any], environ: Mapping[str, str] | Non
             poll_interval=values["outbox_poll_interval"], drain_timeout=values["outbox_drain_timeout"],
             retention=values["outbox_retention"]),
     )
+    _check_writers(aggregator.delivery, sources["writers"])
     return DaemonSettings(values=values, sources=sources, aggregator=aggregator)
+
+
+def _check_writers(delivery: DeliverySettings, source: str) -> None:
+    """Build each writer once (its options are validated) and check it may send what it would send."""
+    from aggregator import privacy, writers  # writers import this module
+
+    pseudonymizer = privacy.Pseudonymizer(delivery.pseudonym_key, delivery.pseudonym_allowlist)
+    for name, table in delivery.writers:
+        try:
+            writers.build(name, table)
+        except exceptions.ConfigError as exc:
+            raise exceptions.ConfigError(f"{exc} (set by {source})") from None
+        pseudonymizer.require(privacy.IDENTIFIER_FIELDS, f"writer {name!r}")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -19,7 +19,8 @@ class Counters:
     rejected: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
 
-def render(status: dict[str, Any], counters: Counters) -> str:
+def render(status: dict[str, Any], counters: Counters, outbox: list[dict[str, Any]] | None = None) -> str:
+    """The exposition; ``outbox`` is the store's per-writer, per-status summary (None: not available)."""
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
@@ -49,6 +50,21 @@ def render(status: dict[str, Any], counters: Counters) -> str:
         metric("reports_written_total", "counter", "Reports written by this replica.",
                [("", collector.reports_written)])
         metric("collector_failures_total", "counter", "Collector runs that failed.", [("", collector.failures)])
+    delivery = status.get("delivery")
+    if delivery:
+        for name, help_, field in (
+                ("delivered_total", "Outbox items delivered by this replica, by writer.", "delivered"),
+                ("delivery_retries_total", "Delivery attempts that failed and will be retried, by writer.",
+                 "retried"),
+                ("dead_lettered_total", "Outbox items this replica moved to dead-letter, by writer.", "dead")):
+            metric(f"outbox_{name}", "counter", help_,
+                   [(f'{{writer="{writer}"}}', getattr(stats, field)) for writer, stats in sorted(delivery.items())])
+    if outbox is not None:
+        now = time.time()
+        metric("outbox_items", "gauge", "Outbox items in the database, by writer and status (all replicas).",
+               [(f'{{writer="{r["writer"]}",status="{r["status"]}"}}', r["items"]) for r in outbox])
+        metric("outbox_oldest_pending_seconds", "gauge", "Age of the oldest undelivered item, by writer.",
+               [(f'{{writer="{r["writer"]}"}}', now - r["oldest"]) for r in outbox if r["status"] == "pending"])
     errors = (flush.failures if flush else 0) + (collector.failures if collector else 0)
     metric("errors_total", "counter", "Errors of flushes and collections in this replica.", [("", errors)])
     return "\n".join(lines) + "\n"

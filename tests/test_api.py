@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from aggregator import api, config, metrics
+from aggregator import api, config, metrics, store
 from aggregator.runtime import Aggregator
 from tests.helpers import GRACE, T0, WINDOW, FakeClock, manual
 
@@ -152,6 +152,21 @@ async def test_health_metrics_and_openapi(client: tuple) -> None:
     assert {"/v1/track", "/v1/reports", "/healthz", "/metrics"} <= set(spec["paths"])
     assert spec["components"]["schemas"]["TrackBatch"]["properties"]["events"]["items"] == {
         "$ref": "#/components/schemas/Event"}
+
+
+async def test_metrics_show_the_outbox_by_writer_and_status(client: tuple) -> None:
+    """Dead-lettered and pending items of every replica show in /metrics, per writer."""
+    http, agg, _ = client
+    db = agg._store
+    await db.apply_batch(store.Batch(seq=1, windows={T0: store.BatchWindow([1], [1], 1, 0)}, events=1),
+                         writer_id=uuid.uuid4(), replica_id="r", window=WINDOW, now=T0 + 1)
+    await db.collect_window(T0, collector_id="c", now=T0 + 100, writers=["jsonl", "snowplow"])
+    (item,) = await db.claim_outbox("snowplow", now=T0 + 100, limit=10, claimer="me", lease=60)
+    await db.settle_outbox("me", [store.outbox.Settlement(item["id"], "dead", 3, T0, "400")], now=T0 + 101)
+    text = (await http.get("/metrics")).text
+    assert 'aggregator_outbox_items{writer="snowplow",status="dead"} 1\n' in text
+    assert 'aggregator_outbox_items{writer="jsonl",status="pending"} 1\n' in text
+    assert 'aggregator_outbox_oldest_pending_seconds{writer="jsonl"}' in text
 
 
 async def test_open_api_without_tokens_only_on_loopback(database_url: str) -> None:

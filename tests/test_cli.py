@@ -78,3 +78,57 @@ def test_demo_prints_only_exact_reports() -> None:
     lines = [line for line in result.stdout.splitlines() if "workspaces" in line and "/" in line]
     assert len(lines) >= 2 and all(line.endswith("exact") and "NOT" not in line for line in lines)
     assert "all reports exact" in result.stdout
+
+
+def test_export_writes_an_idempotent_csv_and_names_the_next_cursor(database_url: str, tmp_path: Path) -> None:
+    """`aggregator export` twice with the same cursor: the same file, byte for byte; generated_by hashed."""
+    clock = FakeClock()
+    with manual(database_url, clock) as agg:
+        agg.track(ids(1)[0], ids(1)[0], allowed=4)
+        agg.flush()
+        clock.past_window(T0)
+        (report,) = agg.collect()
+    env = {"AGGREGATOR_PSEUDONYM_KEY": "x" * 32}
+    first = aggregator("export", "--format", "csv", "--since", "0", "--out", str(tmp_path / "a"),
+                       "--database-url", database_url, env=env)
+    again = aggregator("export", "--since", "0", "--out", str(tmp_path / "b"), "--database-url", database_url, env=env)
+    assert (first.returncode, again.returncode) == (0, 0), first.stderr + again.stderr
+    assert f"next cursor {report.id}" in first.stdout
+    (a,), (b,) = list((tmp_path / "a").iterdir()), list((tmp_path / "b").iterdir())
+    assert (a.name, a.read_bytes()) == (b.name, b.read_bytes())
+    (row,) = csv.DictReader(io.StringIO(a.read_text()))
+    assert (row["allowed_requests"], len(row["generated_by"])) == ("4", 64)
+    refused = aggregator("export", "--since", "0", "--out", str(tmp_path / "c"), "--database-url", database_url,
+                         env={"AGGREGATOR_PSEUDONYM_KEY": ""})
+    assert refused.returncode == 2 and "AGGREGATOR_PSEUDONYM_KEY" in refused.stderr
+
+
+def test_outbox_commands_show_and_retry_dead_items(database_url: str) -> None:
+    """`outbox status` and `outbox list` show a dead-lettered item with its error; `outbox retry` revives it."""
+    import asyncio
+
+    from aggregator import store
+
+    async def dead_item() -> None:
+        db = store.Store(database_url)
+        try:
+            await db.apply_batch(store.Batch(seq=1, windows={T0: store.BatchWindow([1], [1], 1, 0)}, events=1),
+                                 writer_id=ids(1)[0], replica_id="r", window=WINDOW, now=T0 + 1)
+            await db.collect_window(T0, collector_id="c", now=T0 + 100, writers=["snowplow"])
+            (item,) = await db.claim_outbox("snowplow", now=T0 + 100, limit=10, claimer="me", lease=60)
+            await db.settle_outbox("me", [store.outbox.Settlement(item["id"], "dead", 12, T0 + 100,
+                                                                  "collector answered 400")], now=T0 + 101)
+        finally:
+            await db.close()
+
+    asyncio.run(dead_item())
+    status = aggregator("outbox", "status", "--database-url", database_url)
+    assert status.returncode == 0, status.stderr
+    assert "snowplow" in status.stdout and "dead" in status.stdout
+    listed = aggregator("outbox", "list", "--format", "json", "--database-url", database_url)
+    (row,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert (row["status"], row["attempts"], row["last_error"]) == ("dead", 12, "collector answered 400")
+    retried = aggregator("outbox", "retry", "--writer", "snowplow", "--database-url", database_url)
+    assert "1 dead item(s) queued again" in retried.stdout
+    listed = aggregator("outbox", "list", "--status", "pending", "--format", "json", "--database-url", database_url)
+    assert [json.loads(line)["attempts"] for line in listed.stdout.splitlines()] == [0]

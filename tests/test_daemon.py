@@ -187,3 +187,38 @@ def test_readme_documents_every_configuration_key() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     missing = [o.key for o in config.OPTIONS if f"| `{o.key}` | `{o.env}` | `{o.flag}` |" not in readme]
     assert missing == []
+
+
+def test_run_delivers_reports_to_jsonl_and_snowplow_with_pseudonyms(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """The daemon configured from a TOML file with two writers: every report reaches both, once each,
+    with generated_by hashed under the key from the environment; the key never appears in the logs."""
+    from tests.fakes.snowplow import FakeCollector
+
+    key = "pseudonym-key-0123456789abcdef"
+    config_file = tmp_path / "aggregator.toml"
+    with FakeCollector() as collector:
+        config_file.write_text(
+            '[aggregator]\nwindow = "1s"\nflush_interval = "0.2s"\ngrace = "0.5s"\noutbox_poll_interval = "0.2s"\n'
+            f'[writers.jsonl]\ndirectory = "{tmp_path / "out"}"\n'
+            f'[writers.snowplow]\ncollector = "{collector.url}"\nbatch_size = 5\n')
+        daemon = Daemon(tmp_path, "--config", str(config_file), "--database-url", f"sqlite:///{tmp_path / 'a.db'}",
+                        env={"AGGREGATOR_PSEUDONYM_KEY": key})
+        daemons.append(daemon)
+        daemon.wait_for("READY=1")
+        with httpx.Client(base_url=daemon.url, timeout=10) as http:
+            for i in range(15):
+                response = http.post("/v1/track", json={"events": [
+                    {"workspace_id": str(uuid.UUID(int=1)), "user_id": str(uuid.UUID(int=2 + i))}]})
+                assert response.status_code == 202
+                time.sleep(0.2)
+        assert daemon.stop() == 0, daemon.output()
+        lines = [json.loads(line) for f in sorted((tmp_path / "out").glob("*.jsonl")) for line in f.read_text().splitlines()]
+        reader = Aggregator(database_url=f"sqlite:///{tmp_path / 'a.db'}", window="1s", handle_sigterm=False)
+        reports = reader.reports()
+        assert len(reports) >= 2
+        assert sorted(line["data"]["id"] for line in lines) == [r.id for r in reports]
+        assert sorted(e["data"]["id"] for e in collector.good) == [r.id for r in reports]
+        assert collector.invalid == []
+        assert {line["data"]["generated_by"] for line in lines} <= {e["data"]["generated_by"] for e in collector.good}
+        assert all(len(line["data"]["generated_by"]) == 64 for line in lines)
+        assert key not in daemon.output()
