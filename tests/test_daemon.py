@@ -212,7 +212,8 @@ def test_run_delivers_reports_to_jsonl_and_snowplow_with_pseudonyms(tmp_path: Pa
                 assert response.status_code == 202
                 time.sleep(0.2)
         assert daemon.stop() == 0, daemon.output()
-        lines = [json.loads(line) for f in sorted((tmp_path / "out").glob("*.jsonl")) for line in f.read_text().splitlines()]
+        files = sorted((tmp_path / "out").glob("*.jsonl"))
+        lines = [json.loads(line) for f in files for line in f.read_text().splitlines()]
         reader = Aggregator(database_url=f"sqlite:///{tmp_path / 'a.db'}", window="1s", handle_sigterm=False)
         reports = reader.reports()
         assert len(reports) >= 2
