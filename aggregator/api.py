@@ -132,11 +132,14 @@ def build_app(agg: Aggregator, settings: config.DaemonSettings, counters: metric
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         """Open: Prometheus text exposition (no identifiers, no secrets)."""
+        outbox: list[dict[str, Any]] | None
+        overflow: list[dict[str, Any]] | None
         try:
-            outbox = await agg.aoutbox()
+            outbox, overflow = await agg.aoutbox(), await agg.aoverflow()
         except exceptions.StoreError:
-            outbox = None  # the database is away: the other figures still say so (flush lag, errors)
-        return PlainTextResponse(metrics.render(agg.status(), counters, outbox), media_type=metrics.CONTENT_TYPE)
+            outbox = overflow = None  # the database is away: the other figures still say so (flush lag, errors)
+        return PlainTextResponse(metrics.render(agg.status(), counters, outbox, overflow),
+                                 media_type=metrics.CONTENT_TYPE)
 
     @app.exception_handler(HTTPException)
     async def problem(_request: Request, exc: HTTPException) -> JSONResponse:

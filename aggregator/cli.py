@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write reports after a cursor to an idempotent CSV file")
     _env_option(export, "--database-url", "AGGREGATOR_DATABASE_URL", "database URL")
     export.add_argument("--format", default="csv", choices=["csv"], help="file format [default: csv]")
+    export.add_argument("--kind", default="usage_report", choices=["usage_report", "billable_usage"],
+                        help="what to export: reports, or billable usage events [default: usage_report]")
     _env_option(export, "--since", "AGGREGATOR_EXPORT_SINCE", "cursor: the last report id already exported",
                 default="0")
     export.add_argument("--until", default=None, help="last report id to include [default: the newest]")
@@ -63,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "S3-compatible endpoint, e.g. http://127.0.0.1:9000 for MinIO")
     _pseudonym_options(export)
     export.set_defaults(run=_export)
+
+    meter = commands.add_parser("meters", help="per-window results of declared meters, oldest first")
+    _env_option(meter, "--database-url", "AGGREGATOR_DATABASE_URL", "database URL")
+    meter.add_argument("--meter", default=None, help="only this meter")
+    meter.add_argument("--format", default="table", choices=["table", "json"])
+    meter.set_defaults(run=_meters)
 
     box = commands.add_parser("outbox", help="report delivery: status, items, dead-letter retry").add_subparsers(
         dest="outbox_command", required=True, metavar="OUTBOX_COMMAND")
@@ -209,6 +217,7 @@ def _export(args: argparse.Namespace) -> int:
         db = await _open_store(args.database_url)
         try:
             return await export.export_csv(db, pseudonymizer, since=since, until=until, out_dir=Path(args.out),
+                                           kind=args.kind,
                                            s3_url=args.s3 or None, s3_endpoint_url=args.s3_endpoint_url or None)
         finally:
             await db.close()
@@ -298,3 +307,29 @@ def _print_rows(rows: list[dict[str, Any]], fmt: str, *, empty: str) -> None:
     print("  ".join(c.ljust(widths[c]) for c in columns).rstrip())
     for row in rows:
         print("  ".join(str(row[c]).ljust(widths[c]) for c in columns).rstrip())
+
+
+def _meters(args: argparse.Namespace) -> int:
+    rows = asyncio.run(_with_store(args.database_url, lambda db: db.meter_results(meter=args.meter)))
+    import datetime as dt
+    import decimal
+    import json
+
+    from aggregator import meters
+
+    shown = []
+    for row in rows:
+        quantity = decimal.Decimal(row["quantity"]).scaleb(-row["decimals"])
+        shown.append({
+            "window_start": dt.datetime.fromtimestamp(row["window_start"], dt.timezone.utc).isoformat()
+            .replace("+00:00", "Z"),
+            "meter": row["meter"],
+            "dimensions": {} if row["group_key"] == meters.OVERFLOW else json.loads(row["group_key"]),
+            "overflow": row["group_key"] == meters.OVERFLOW, "late": bool(row["late"]),
+            "quantity": int(quantity) if quantity == quantity.to_integral_value() else float(quantity),
+            "records": row["records"]})
+    if args.format == "table":
+        for row in shown:
+            row["dimensions"] = ",".join(f"{k}={v}" for k, v in row["dimensions"].items()) or "-"
+    _print_rows(shown, args.format, empty="no meter results yet")
+    return 0

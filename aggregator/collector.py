@@ -9,14 +9,34 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ClassVar
 
 import structlog
 
-from aggregator import reports, store
+from aggregator import billing, meters, reports, store
 
 log = structlog.get_logger("aggregator.collector")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Billing:
+    """How a window's meter results become billable usage events (see billing.py)."""
+
+    realm: str = "SaaS"
+    instance_id: str | None = None
+    KIND: ClassVar[str] = billing.KIND
+    SCHEMA: ClassVar[str] = billing.SCHEMA
+
+    def event(self, meter: meters.Meter, result: dict[str, Any], report: dict[str, Any]) -> dict[str, Any] | None:
+        """The billable event of one meter result row, or None when its quantity is zero."""
+        overflow = result["group_key"] == meters.OVERFLOW
+        return billing.billable_event(
+            meter, window_start=report["window_start"], window_end=report["window_end"],
+            dimensions={} if overflow else json.loads(result["group_key"]), quantity_units=result["quantity"],
+            late=result["late"], realm=self.realm, instance_id=self.instance_id, group_key=result["group_key"])
 
 
 @dataclasses.dataclass(slots=True)
@@ -31,7 +51,9 @@ class Collector:
     def __init__(self, store_: store.Store, *, collector_id: str, grace: float, id_retention: float,
                  clock: Callable[[], float] = time.time,
                  on_locked: Callable[[], Awaitable[None]] | None = None, writers: Sequence[str] = (),
-                 on_written: Callable[[], None] | None = None, outbox_retention: float = 7 * 86400.0) -> None:
+                 on_written: Callable[[], None] | None = None, outbox_retention: float = 7 * 86400.0,
+                 meter_defs: Sequence[meters.Meter] = (), billing: Billing | None = None,
+                 dedup_horizon: float = 2 * 86400.0) -> None:
         self.store = store_
         self.collector_id = collector_id
         self.grace = grace
@@ -42,6 +64,9 @@ class Collector:
         self.writers = list(writers)  # each report is queued for these, in its own commit
         self._on_written = on_written
         self.outbox_retention = outbox_retention
+        self.meter_defs = {m.name: m for m in meter_defs}
+        self.billing = billing
+        self.dedup_horizon = dedup_horizon
         self.busy = asyncio.Lock()  # held while a run is in progress; stop() waits on it
         self._last_prune = 0.0
 
@@ -55,7 +80,7 @@ class Collector:
                     began = time.monotonic()
                     row = await self.store.collect_window(
                         start, collector_id=self.collector_id, now=self._clock(), on_locked=self._on_locked,
-                        writers=self.writers,
+                        writers=self.writers, meter_defs=self.meter_defs, billing=self.billing,
                     )
                     if row is None:
                         continue
@@ -84,7 +109,8 @@ class Collector:
         if now - self._last_prune < min(self.id_retention / 4, 3600):
             return
         self._last_prune = now
-        deleted = await self.store.prune(before=now - self.id_retention)
+        deleted = await self.store.prune(before=now - self.id_retention,
+                                         event_ids_before=now - max(self.dedup_horizon, self.id_retention))
         delivered = await self.store.prune_outbox(before=now - self.outbox_retention)
         if deleted or delivered:
             log.info("prune", ids_deleted=deleted, outbox_deleted=delivered, collector_id=self.collector_id)

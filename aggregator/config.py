@@ -14,13 +14,14 @@ import os
 import re
 import tomllib
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
 from aggregator import exceptions
+from aggregator import meters as meters_module
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -148,21 +149,21 @@ class DeliverySettings:
 
 
 def _writers(value: object, key: str) -> tuple[tuple[str, dict[str, Any]], ...]:
-    """Writer tables from TOML (a table of tables) or the environment (the same as JSON)."""
+    """Named tables (writers, meters) from TOML (a table of tables) or the environment (the same as JSON)."""
     if isinstance(value, str):
         try:
             value = json.loads(value) if value.strip() else {}
         except json.JSONDecodeError as exc:
             raise exceptions.ConfigError(
                 f"{key} is not valid JSON ({exc.msg} at character {exc.pos}); in the environment give "
-                'e.g. {"jsonl": {"directory": "/var/lib/aggregator/reports"}}') from None
+                'e.g. {"NAME": {"option": "value"}}') from None
     if not isinstance(value, Mapping) or not all(isinstance(t, Mapping) for t in value.values()):
         raise exceptions.ConfigError(
-            f"{key} must be a table of writer tables, e.g. [writers.jsonl] directory = \"/var/lib/aggregator/reports\"")
+            f"{key} must be a table of tables, one per name, e.g. [{key}.NAME] in TOML")
     for name in value:
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", name):
             raise exceptions.ConfigError(
-                f"writer name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+                f"{key}: name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
     return tuple((str(name), dict(table)) for name, table in value.items())
 
 
@@ -187,6 +188,10 @@ class Settings:
     stop_timeout: float = 30.0
     id_retention: float = 86400.0 * 2
     delivery: DeliverySettings = DeliverySettings()
+    meters: tuple[meters_module.Meter, ...] = ()
+    billing_realm: str = "SaaS"
+    billing_instance_id: str | None = None
+    meter_dedup_horizon: float = 86400.0 * 2
 
     @classmethod
     def build(
@@ -202,6 +207,10 @@ class Settings:
         stop_timeout: str | float = "30s",
         id_retention: str | float = "2d",
         delivery: DeliverySettings | None = None,
+        meters: Mapping[str, Mapping[str, Any]] | Iterable[meters_module.Meter] | None = None,
+        billing_realm: str = "SaaS",
+        billing_instance_id: str | None = None,
+        meter_dedup_horizon: str | float = "2d",
     ) -> Settings:
         window_s = parse_window(window, key="window")
         flush_s = parse_duration(flush_interval, key="flush_interval")
@@ -225,11 +234,31 @@ class Settings:
             stop_timeout=parse_duration(stop_timeout, key="stop_timeout"),
             id_retention=parse_duration(id_retention, key="id_retention"),
             delivery=delivery or DeliverySettings.build(),
+            meters=meters_module.declare(meters or ()),
+            billing_realm=_bounded_text(billing_realm, "billing_realm", 128),
+            billing_instance_id=None if billing_instance_id is None else _bounded_text(
+                billing_instance_id, "billing_instance_id", 256),
+            meter_dedup_horizon=_dedup_horizon(meter_dedup_horizon),
         )
 
     @property
     def window_seconds(self) -> int:
         return int(self.window)
+
+
+def _bounded_text(value: object, key: str, limit: int) -> str:
+    text = _text(value, key)
+    if len(text) > limit:
+        raise exceptions.ConfigError(f"{key}={text[:40]!r}... is {len(text)} characters; at most {limit}")
+    return text
+
+
+def _dedup_horizon(value: str | float) -> float:
+    seconds = parse_duration(value, key="meter_dedup_horizon")
+    if seconds < 86400:
+        raise exceptions.ConfigError(
+            f"meter_dedup_horizon={value!r} must be at least a day (1d): clients retry for that long")
+    return seconds
 
 
 def new_replica_id() -> str:
@@ -354,6 +383,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("outbox_poll_interval", "5s", _duration, "how often delivery looks for due items without a wake-up"),
     Option("outbox_drain_timeout", "10s", _duration, "bound on delivering due items at shutdown"),
     Option("outbox_retention", "7d", _duration, "how long delivered items are kept (dead ones stay)"),
+    Option("meters", None, _writers,
+           "declared meters: TOML tables [meters.NAME] (aggregation, unit, dimensions, ...); in the environment, JSON"),
+    Option("billing_realm", "SaaS", lambda v, k: _text(v, k), "realm of billable usage events (e.g. SaaS, SM)"),
+    Option("billing_instance_id", None, lambda v, k: _text(v, k), "instance_id of billable usage events; unset: none"),
+    Option("meter_dedup_horizon", "2d", _duration, "how long a record's event_id is remembered (at least 1d)"),
     Option("log_level", "info", _choice("debug", "info", "warning", "error"), "log level"),
     Option("log_format", "auto", _choice("auto", "json", "console"),
            "auto: JSON lines when not on a terminal (journald), readable on one"),
@@ -388,6 +422,8 @@ class DaemonSettings:
         out["listen"] = "{}:{}".format(*self.values["listen"])
         out["pseudonym_key"] = "<set>" if effective.delivery.pseudonym_key else None
         out["writers"] = {name: _masked_table(table) for name, table in effective.delivery.writers}
+        out["meters"] = {m.name: m.aggregation for m in effective.meters}
+        out["meter_dedup_horizon"] = f"{self.values['meter_dedup_horizon']:g}s"
         for key in ("outbox_backoff_initial", "outbox_backoff_max", "outbox_poll_interval", "outbox_drain_timeout",
                     "outbox_retention"):
             out[key] = f"{self.values[key]:g}s"
@@ -432,22 +468,25 @@ def load_daemon_settings(flags: dict[str, Any], environ: Mapping[str, str] | Non
             backoff_initial=values["outbox_backoff_initial"], backoff_max=values["outbox_backoff_max"],
             poll_interval=values["outbox_poll_interval"], drain_timeout=values["outbox_drain_timeout"],
             retention=values["outbox_retention"]),
+        meters=dict(values["meters"] or ()), billing_realm=values["billing_realm"],
+        billing_instance_id=values["billing_instance_id"], meter_dedup_horizon=values["meter_dedup_horizon"],
     )
-    _check_writers(aggregator.delivery, sources["writers"])
+    _check_writers(aggregator, sources["writers"])
     return DaemonSettings(values=values, sources=sources, aggregator=aggregator)
 
 
-def _check_writers(delivery: DeliverySettings, source: str) -> None:
+def _check_writers(settings: Settings, source: str) -> None:
     """Build each writer once (its options are validated) and check it may send what it would send."""
-    from aggregator import privacy, writers  # writers import this module
+    from aggregator import outbox, privacy, writers  # they import this module
 
+    delivery = settings.delivery
     pseudonymizer = privacy.Pseudonymizer(delivery.pseudonym_key, delivery.pseudonym_allowlist)
     for name, table in delivery.writers:
         try:
             writers.build(name, table)
         except exceptions.ConfigError as exc:
             raise exceptions.ConfigError(f"{exc} (set by {source})") from None
-        pseudonymizer.require(privacy.IDENTIFIER_FIELDS, f"writer {name!r}")
+        pseudonymizer.require(outbox.sent_kinds(settings), f"writer {name!r}")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -459,8 +498,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise exceptions.ConfigError(f"config file {path} cannot be read: {exc}") from exc
     section = dict(data.get("aggregator", data))  # keys at the top level or under [aggregator]
-    if "aggregator" in data and "writers" in data:  # [writers.NAME] tables beside [aggregator]
-        section["writers"] = data["writers"]
+    for tables in ("writers", "meters"):  # [writers.NAME] and [meters.NAME] tables beside [aggregator]
+        if "aggregator" in data and tables in data:
+            section[tables] = data[tables]
     unknown = sorted(set(section) - set(OPTIONS_BY_KEY))
     if unknown:
         raise exceptions.ConfigError(

@@ -1,8 +1,9 @@
-"""CSV export of reports for a warehouse COPY: incremental by report id, idempotent, optionally uploaded to S3.
+"""CSV export for a warehouse COPY: incremental by id, idempotent, optionally uploaded to S3.
 
-A file holds the reports with ``since < id <= until``. Report ids follow commit order, so once ``until``
-is visible that set never changes: the same range always gives the same bytes under the same name, and
-uploading it again overwrites the same object with the same content.
+Two kinds: usage reports (``usage_report``) and billable usage events (``billable_usage``). A file holds
+the rows of one kind with ``since < id <= until``. Both ids follow commit order (the collector lock),
+so once ``until`` is visible that set never changes: the same range always gives the same bytes under
+the same name, and uploading it again overwrites the same object with the same content.
 """
 
 from __future__ import annotations
@@ -12,16 +13,17 @@ import base64
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import tempfile
 import urllib.parse
-from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import structlog
 
-from aggregator import exceptions, privacy, reports, store
+from aggregator import billing, exceptions, privacy, reports, store
 
 log = structlog.get_logger("aggregator.export")
 
@@ -31,42 +33,77 @@ KIND = "usage_report"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class _Kind:
+    """How one kind of row is read, named and written."""
+
+    file_prefix: str
+    noun: str  # in messages: "report id", "exported 2 report(s)"
+    columns: tuple[str, ...]
+    fetch: Callable[[store.Store, int, int], Awaitable[list[dict[str, Any]]]]  # (store, after_id, limit)
+    values: Callable[[Mapping[str, Any], privacy.Pseudonymizer], list[object]]  # one row's cells, in column order
+
+
+def _report_values(row: Mapping[str, Any], pseudonymizer: privacy.Pseudonymizer) -> list[object]:
+    data = pseudonymizer.apply(KIND, reports.Report.from_row(row).to_dict())
+    return [data[name] for name in reports.FIELDS]
+
+
+def _billable_values(row: Mapping[str, Any], pseudonymizer: privacy.Pseudonymizer) -> list[object]:
+    data = pseudonymizer.apply(billing.KIND, json.loads(row["payload"]))
+    # One cell for the nested metadata; sorted and compact so the same event always gives the same bytes.
+    data["metadata"] = json.dumps(data["metadata"], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return [data.get(name) for name in billing.FIELDS]
+
+
+KINDS: dict[str, _Kind] = {
+    KIND: _Kind("usage_reports", "report", tuple(reports.FIELDS),
+                lambda db, after, limit: db.reports(after_id=after, limit=limit), _report_values),
+    billing.KIND: _Kind(billing.KIND, "billable event", billing.FIELDS,
+                        lambda db, after, limit: db.billable_events(after_id=after, limit=limit), _billable_values),
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ExportResult:
     """What one export wrote; ``next_cursor`` is the ``since`` of the next incremental run."""
 
-    path: Path | None  # None when no report lies after the cursor
+    path: Path | None  # None when no row lies after the cursor
     rows: int
     first_id: int | None
     last_id: int | None
     next_cursor: int
     s3_key: str | None = None
+    kind: str = KIND
 
 
-def file_name(since: int, until: int) -> str:
+def file_name(since: int, until: int, kind: str = KIND) -> str:
     """The export file's name for the id range ``(since, until]``; zero-padded so names sort by range."""
-    return f"usage_reports-{since:012d}-{until:012d}.csv"
+    return f"{_kind(kind).file_prefix}-{since:012d}-{until:012d}.csv"
 
 
 def summary(result: ExportResult) -> str:
     """One line for the CLI."""
+    noun = _kind(result.kind).noun
     if result.path is None:
-        return f"no reports after cursor {result.next_cursor}; next cursor {result.next_cursor}"
+        return f"no {noun}s after cursor {result.next_cursor}; next cursor {result.next_cursor}"
     uploaded = f", uploaded as {result.s3_key}" if result.s3_key else ""
-    return (f"exported {result.rows} report(s), ids {result.first_id}..{result.last_id}, to {result.path}"
+    return (f"exported {result.rows} {noun}(s), ids {result.first_id}..{result.last_id}, to {result.path}"
             f"{uploaded}; next cursor {result.next_cursor}")
 
 
 async def export_csv(store: store.Store, pseudonymizer: privacy.Pseudonymizer, *, since: int, out_dir: Path,
                      until: int | None = None, s3_url: str | None = None,
-                     s3_endpoint_url: str | None = None) -> ExportResult:
-    """Write the reports with ``since < id <= until`` (default: up to the newest) to a CSV file in ``out_dir``.
+                     s3_endpoint_url: str | None = None, kind: str = KIND) -> ExportResult:
+    """Write the rows of ``kind`` with ``since < id <= until`` (default: up to the newest) to a CSV file in ``out_dir``.
 
-    Raises InvalidInput for a bad range or an ``until`` that is not yet visible (a later run could then
-    find more reports in the range), ConfigError for a bad S3 URL or a missing pseudonym key, and
-    AggregatorError if the upload fails (the local file is kept; re-running uploads it again).
+    ``kind`` is ``usage_report`` (reports, by report id) or ``billable_usage`` (billable events, by their
+    row id). Raises InvalidInput for a bad range or an ``until`` that is not yet visible (a later run
+    could then find more rows in the range), ConfigError for an unknown kind, a bad S3 URL or a missing
+    pseudonym key, and AggregatorError if the upload fails (the local file is kept; re-running uploads it).
     """
-    _check_range(since, until)
-    pseudonymizer.require([KIND], "aggregator export")
+    spec = _kind(kind)
+    _check_range(since, until, spec.noun)
+    pseudonymizer.require([kind], "aggregator export")
     target = _parse_s3_url(s3_url) if s3_url is not None else None
     if s3_endpoint_url is not None and target is None:
         raise exceptions.ConfigError(
@@ -77,18 +114,18 @@ async def export_csv(store: store.Store, pseudonymizer: privacy.Pseudonymizer, *
     first_id: int | None = None
     last_id: int | None = None
     count = 0
-    with _AtomicFile(out_dir) as out:
-        async with contextlib.aclosing(_pages(store, since, until)) as pages:
+    with _AtomicFile(out_dir, spec.file_prefix) as out:
+        async with contextlib.aclosing(_pages(store, spec, since, until)) as pages:
             async for rows in pages:
                 header = first_id is None
                 first_id = rows[0]["id"] if first_id is None else first_id
                 last_id, count = rows[-1]["id"], count + len(rows)
-                await asyncio.to_thread(out.write, _encode(rows, pseudonymizer, header=header))
+                await asyncio.to_thread(out.write, _encode(spec, rows, pseudonymizer, header=header))
         if last_id is None:
-            return ExportResult(path=None, rows=0, first_id=None, last_id=None, next_cursor=since)
-        path = out_dir / file_name(since, until if until is not None else last_id)
+            return ExportResult(path=None, rows=0, first_id=None, last_id=None, next_cursor=since, kind=kind)
+        path = out_dir / file_name(since, until if until is not None else last_id, kind)
         await asyncio.to_thread(out.commit, path)
-    log.info("export_written", path=str(path), rows=count, first_id=first_id, last_id=last_id)
+    log.info("export_written", kind=kind, path=str(path), rows=count, first_id=first_id, last_id=last_id)
 
     s3_key = None
     if target is not None:
@@ -97,21 +134,33 @@ async def export_csv(store: store.Store, pseudonymizer: privacy.Pseudonymizer, *
         await asyncio.to_thread(_upload, path, bucket, s3_key, s3_endpoint_url)
         log.info("export_uploaded", bucket=bucket, key=s3_key)
     return ExportResult(path=path, rows=count, first_id=first_id, last_id=last_id, next_cursor=last_id,
-                        s3_key=s3_key)
+                        s3_key=s3_key, kind=kind)
 
 
-def _check_range(since: object, until: object) -> None:
+def _kind(kind: str) -> _Kind:
+    spec = KINDS.get(kind)
+    if spec is None:
+        raise exceptions.ConfigError(f"kind={kind!r} cannot be exported; use one of: {', '.join(sorted(KINDS))}")
+    return spec
+
+
+def _check_range(since: object, until: object, noun: str) -> None:
     if isinstance(since, bool) or not isinstance(since, int) or since < 0:
-        raise exceptions.InvalidInput(f"since={since!r} must be a report id ≥ 0 (0 exports from the start)")
+        raise exceptions.InvalidInput(f"since={since!r} must be a {noun} id ≥ 0 (0 exports from the start)")
     if until is not None and (isinstance(until, bool) or not isinstance(until, int) or until < since):
-        raise exceptions.InvalidInput(f"until={until!r} must be a report id ≥ since ({since}), or omitted")
+        raise exceptions.InvalidInput(f"until={until!r} must be a {noun} id ≥ since ({since}), or omitted")
 
 
-async def _pages(store: store.Store, since: int, until: int | None) -> AsyncGenerator[list[dict[str, Any]], None]:
-    """Report rows after ``since`` (up to ``until``) in id order, a page at a time."""
+async def _pages(store: store.Store, spec: _Kind, since: int,
+                 until: int | None) -> AsyncGenerator[list[dict[str, Any]], None]:
+    """Rows after ``since`` (up to ``until``) in id order, a page at a time.
+
+    Pages are read without an upper bound: seeing an id beyond ``until`` is what proves that ``until``
+    is visible (ids have gaps, so the row ``until`` itself may never exist).
+    """
     cursor = since
     while until is None or cursor < until:
-        page = await store.reports(after_id=cursor, limit=PAGE_SIZE)
+        page = await spec.fetch(store, cursor, PAGE_SIZE)
         rows = [row for row in page if until is None or row["id"] <= until]
         if rows:
             yield rows
@@ -120,18 +169,17 @@ async def _pages(store: store.Store, since: int, until: int | None) -> AsyncGene
         if len(page) < PAGE_SIZE:
             break
     if until is not None and cursor < until:
-        # A report with an id up to ``until`` may still commit: a later run could find more in the range.
+        # A row with an id up to ``until`` may still commit: a later run could find more in the range.
         newest = f"the newest is {cursor}" if cursor > since else f"none is newer than {since}"
         raise exceptions.InvalidInput(
-            f"until={until} is beyond the newest report id ({newest}), so the file would not be reproducible; "
-            "omit --until, or pass an id that exists")
+            f"until={until} is beyond the newest {spec.noun} id ({newest}), so the file would not be "
+            "reproducible; omit --until, or pass an id that exists")
 
 
-def _encode(rows: Iterable[Mapping[str, Any]], pseudonymizer: privacy.Pseudonymizer, *, header: bool) -> str:
-    lines = [_line(reports.FIELDS)] if header else []
-    for row in rows:
-        data = pseudonymizer.apply(KIND, reports.Report.from_row(row).to_dict())
-        lines.append(_line(data[name] for name in reports.FIELDS))
+def _encode(spec: _Kind, rows: Iterable[Mapping[str, Any]], pseudonymizer: privacy.Pseudonymizer, *,
+            header: bool) -> str:
+    lines = [_line(spec.columns)] if header else []
+    lines.extend(_line(spec.values(row, pseudonymizer)) for row in rows)
     return "".join(lines)
 
 
@@ -150,8 +198,9 @@ def _cell(value: object) -> str:
 class _AtomicFile:
     """A temporary file in the target directory that becomes ``path`` on commit() and vanishes otherwise."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, prefix: str) -> None:
         self.directory = directory
+        self.prefix = prefix
         self._file: IO[bytes] | None = None
         self._temp: Path | None = None
 
@@ -176,7 +225,7 @@ class _AtomicFile:
     def _open(self) -> None:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(dir=self.directory, prefix=".usage_reports-", suffix=".tmp")
+            fd, name = tempfile.mkstemp(dir=self.directory, prefix=f".{self.prefix}-", suffix=".tmp")
         except OSError as exc:
             raise exceptions.ConfigError(
                 f"out_dir={str(self.directory)!r} cannot be created or written ({exc}); "
@@ -250,4 +299,4 @@ def _upload(path: Path, bucket: str, key: str, endpoint_url: str | None) -> None
         client.close()
 
 
-__all__ = ["ExportResult", "export_csv", "file_name", "summary"]
+__all__ = ["KINDS", "ExportResult", "export_csv", "file_name", "summary"]

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import structlog
 
-from aggregator import store, tracker
+from aggregator import meters, store, tracker
 
 log = structlog.get_logger("aggregator.flush")
 
@@ -32,14 +32,16 @@ class FlushStats:
     last_duration: float = 0.0
     last_success_at: float | None = None
     last_error: str | None = None
+    meter_overflow: int = 0  # meter records this replica's flushes sent to __overflow__ groups
 
 
 class Flusher:
     """Owns one replica's flush sequence and the ids it has already sent per window."""
 
     def __init__(self, tracker_: tracker.Tracker, store_: store.Store, *, replica_id: str,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, recorder: meters.Recorder | None = None) -> None:
         self.tracker = tracker_
+        self.recorder = recorder
         self.store = store_
         self.replica_id = replica_id
         self.writer_id = uuid.uuid4()
@@ -54,7 +56,8 @@ class Flusher:
     @property
     def unflushed_events(self) -> int:
         """Events tracked but not yet durable: the unconfirmed batch plus what is pending."""
-        return (self._unconfirmed.events if self._unconfirmed else 0) + self.tracker.pending_events()
+        pending = self.tracker.pending_events() + (self.recorder.pending() if self.recorder else 0)
+        return (self._unconfirmed.events if self._unconfirmed else 0) + pending
 
     async def flush(self) -> None:
         """Make everything tracked so far durable, or raise a StoreError leaving it queued."""
@@ -62,6 +65,10 @@ class Flusher:
             if self._unconfirmed is not None:
                 await self._apply()
             self._unconfirmed, self._unconfirmed_ids = self._build(self.tracker.take())
+            if self.recorder is not None:
+                metered = self.recorder.take()
+                self._unconfirmed.meters = metered
+                self._unconfirmed.events += metered.records
             await self._apply()
 
     def _build(self, taken: dict[int, tracker.WindowData]
@@ -89,7 +96,7 @@ class Flusher:
         try:
             result = await self.store.apply_batch(
                 batch, writer_id=self.writer_id, replica_id=self.replica_id, window=self.tracker.window,
-                now=self._clock(),
+                now=self._clock(), meter_defs=self.recorder.meters if self.recorder else None,
             )
         except BaseException as exc:
             self.stats.failures += 1
@@ -106,6 +113,7 @@ class Flusher:
         self.stats.last_error = None
         if result.late_windows:
             self.stats.late_batches += 1
+        self.stats.meter_overflow += result.overflowed
         # Empty flushes (heartbeats that keep the open window known) log at debug only.
         emit = log.info if batch.events or not result.applied else log.debug
         emit(
@@ -113,7 +121,7 @@ class Flusher:
             new_ids=sum(len(w.workspaces) + len(w.users) for w in batch.windows.values()),
             duration_ms=round(duration * 1000, 2), replayed=not result.applied,
             late_windows=result.late_windows or None, late_target=result.late_target,
-            replica_id=self.replica_id,
+            meter_overflow=result.overflowed or None, replica_id=self.replica_id,
         )
 
     def _confirm(self) -> None:

@@ -19,8 +19,9 @@ class Counters:
     rejected: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
 
-def render(status: dict[str, Any], counters: Counters, outbox: list[dict[str, Any]] | None = None) -> str:
-    """The exposition; ``outbox`` is the store's per-writer, per-status summary (None: not available)."""
+def render(status: dict[str, Any], counters: Counters, outbox: list[dict[str, Any]] | None = None,
+           overflow: list[dict[str, Any]] | None = None) -> str:
+    """The exposition; ``outbox`` and ``overflow`` are the store's summaries (None: not available)."""
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
@@ -44,6 +45,9 @@ def render(status: dict[str, Any], counters: Counters, outbox: list[dict[str, An
                [("", flush.last_duration)])
         metric("flush_lag_seconds", "gauge", "Seconds since the last successful flush.", [("", lag)])
         metric("events_flushed_total", "counter", "Events made durable.", [("", flush.events_flushed)])
+        metric("meter_overflow_flushed_total", "counter",
+               "Meter records this replica's flushes sent to an __overflow__ group (max_groups reached).",
+               [("", flush.meter_overflow)])
     collector = status.get("collector")
     if collector is not None:
         metric("collector_runs_total", "counter", "Collector runs in this replica.", [("", collector.runs)])
@@ -65,6 +69,10 @@ def render(status: dict[str, Any], counters: Counters, outbox: list[dict[str, An
                [(f'{{writer="{r["writer"]}",status="{r["status"]}"}}', r["items"]) for r in outbox])
         metric("outbox_oldest_pending_seconds", "gauge", "Age of the oldest undelivered item, by writer.",
                [(f'{{writer="{r["writer"]}"}}', now - r["oldest"]) for r in outbox if r["status"] == "pending"])
+    if overflow is not None:
+        metric("meter_overflow_records", "gauge",
+               "Meter records in __overflow__ groups, by meter, over the windows the database keeps (all replicas).",
+               [(f'{{meter="{r["meter"]}"}}', r["records"]) for r in overflow])
     errors = (flush.failures if flush else 0) + (collector.failures if collector else 0)
     metric("errors_total", "counter", "Errors of flushes and collections in this replica.", [("", errors)])
     return "\n".join(lines) + "\n"

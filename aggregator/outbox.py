@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from aggregator import config, exceptions, privacy, store
+from aggregator import billing, config, exceptions, privacy, store
 from aggregator.store.outbox import Settlement
 from aggregator.writers import Envelope, Outcome, Writer
 
@@ -49,12 +49,18 @@ class WriterStats:
     last_error: str | None = None
 
 
+def sent_kinds(settings: config.Settings) -> list[str]:
+    """The kinds of items this configuration queues for its writers."""
+    return ["usage_report"] + ([billing.KIND] if any(m.billable for m in settings.meters) else [])
+
+
 class Deliverer:
     """The delivery loops of one replica, one per writer, on the replica's event loop."""
 
     def __init__(self, db: store.Store, writers: Sequence[Writer], pseudonymizer: privacy.Pseudonymizer, *,
                  claimer: str, policy: RetryPolicy = RetryPolicy(), poll_interval: float = 5.0,
-                 lease: float = 300.0, clock: Callable[[], float] = time.time) -> None:
+                 lease: float = 300.0, clock: Callable[[], float] = time.time,
+                 kinds: Sequence[str] = ("usage_report",)) -> None:
         names = [w.name for w in writers]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -66,6 +72,7 @@ class Deliverer:
         self.policy = policy
         self.poll_interval = poll_interval
         self.lease = lease
+        self.kinds = list(kinds)  # what the writers will be sent: their identifiers need a key or the allowlist
         self.stats = {w.name: WriterStats() for w in writers}
         self._clock = clock
         self._wake = {w.name: asyncio.Event() for w in writers}
@@ -74,12 +81,12 @@ class Deliverer:
         self._opened: list[Writer] = []
 
     @classmethod
-    def from_settings(cls, db: store.Store, writers: Sequence[Writer], settings: config.DeliverySettings, *,
-                      claimer: str, clock: Callable[[], float] = time.time) -> Deliverer:
-        d = settings
-        return cls(db, writers, privacy.Pseudonymizer(d.pseudonym_key, d.pseudonym_allowlist), claimer=claimer,
-                   policy=RetryPolicy(d.max_attempts, d.backoff_initial, d.backoff_max), poll_interval=d.poll_interval,
-                   clock=clock)
+    def from_settings(cls, db: store.Store, writers: Sequence[Writer], settings: config.Settings, *,
+                      clock: Callable[[], float] = time.time) -> Deliverer:
+        d = settings.delivery
+        return cls(db, writers, privacy.Pseudonymizer(d.pseudonym_key, d.pseudonym_allowlist),
+                   claimer=settings.replica_id, policy=RetryPolicy(d.max_attempts, d.backoff_initial, d.backoff_max),
+                   poll_interval=d.poll_interval, clock=clock, kinds=sent_kinds(settings))
 
     @property
     def names(self) -> list[str]:
@@ -88,7 +95,7 @@ class Deliverer:
     async def start(self) -> None:
         """Check each writer can emit what it would send, open it, and start its loop."""
         for writer in self.writers:
-            self.pseudonymizer.require(privacy.IDENTIFIER_FIELDS, f"writer {writer.name!r}")
+            self.pseudonymizer.require(self.kinds, f"writer {writer.name!r}")
         try:
             for writer in self.writers:
                 await writer.open()

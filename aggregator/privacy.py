@@ -1,18 +1,19 @@
 """Pseudonymization: identifiers are replaced by keyed hashes before anything leaves the system.
 
-Each kind of outgoing record declares which of its fields are identifiers, as paths: ``generated_by``,
-``dimensions.project_id``, or ``dimensions.*`` for every value of a map. An identifier becomes
-``HMAC-SHA256(key, str(value))`` in hex, deterministic for a given key, so the same id joins across
-reports without being readable. Paths on the allowlist leave in clear. Without a key, a writer that
-would emit an identifier not on the allowlist refuses to start (``require()``).
+Each kind of outgoing record declares which of its fields are identifiers, as dotted paths of any depth:
+``generated_by``, ``dimensions.project_id``, or ``metadata.dimensions.*`` (``*``: every key of a map).
+An identifier becomes ``HMAC-SHA256(key, str(value))`` in hex, deterministic for a given key, so the same
+id joins across reports without being readable. Allowlisted paths leave in clear: a declared path (all
+it matches) or a concrete one (``metadata.dimensions.runner``). Without a key, a writer that would emit
+an identifier not on the allowlist refuses to start (``require()``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, TypeAlias
 
 from aggregator import exceptions
 
@@ -20,8 +21,12 @@ from aggregator import exceptions
 IDENTIFIER_FIELDS: dict[str, tuple[str, ...]] = {
     # The collector that wrote the report: host name, pid and a random suffix.
     "usage_report": ("generated_by",),
+    # Billable usage events: the instance, project, namespace and subject billed, and the other dimensions.
+    "billable_usage": ("instance_id", "project_id", "namespace_id", "subject", "metadata.dimensions.*"),
 }
 MIN_KEY_BYTES = 16
+# Identifiers to hash, as a tree of keys: None marks a value to hash whole.
+_Tree: TypeAlias = dict[str, "_Tree | None"]
 
 
 class Pseudonymizer:
@@ -66,26 +71,48 @@ class Pseudonymizer:
                 "to send them in clear")
 
     def apply(self, kind: str, data: Mapping[str, Any]) -> dict[str, Any]:
-        """A copy of ``data`` with every identifier of ``kind`` not on the allowlist hashed."""
-        out = dict(data)
-        for path in self.fields.get(kind, ()):
-            head, _, rest = path.partition(".")
-            if head not in out or out[head] is None:
-                continue
-            if not rest:
-                if path not in self.allowlist:
-                    out[head] = self.hash(out[head])
-            elif isinstance(out[head], Mapping):
-                out[head] = self._apply_map(head, rest, out[head])
+        """A copy of ``data`` with every identifier of ``kind`` not on the allowlist hashed.
+
+        Maps on the way to an identifier are copied, never changed in place. A value matched by several
+        declared paths is hashed once; a None or absent value, or a path through something that is not
+        a map, is left as it is.
+        """
+        targets: _Tree = {}
+        for declared in self.fields.get(kind, ()):
+            for keys in _matches(data, declared.split(".")):
+                if declared not in self.allowlist and ".".join(map(str, keys)) not in self.allowlist:
+                    _plant(targets, keys)
+        return self._rebuild(data, targets)
+
+    def _rebuild(self, values: Mapping[str, Any], targets: _Tree) -> dict[str, Any]:
+        out = dict(values)
+        for name, below in targets.items():
+            out[name] = self.hash(out[name]) if below is None else self._rebuild(out[name], below)
         return out
 
-    def _apply_map(self, head: str, rest: str, values: Mapping[str, Any]) -> dict[str, Any]:
-        out = dict(values)
-        names = list(out) if rest == "*" else [rest] if rest in out else []
-        for name in names:
-            if out[name] is not None and f"{head}.{name}" not in self.allowlist:
-                out[name] = self.hash(out[name])
-        return out
+
+def _matches(values: Mapping[str, Any], steps: list[str], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """The concrete key paths in ``values`` that ``steps`` (``*`` for every key of a map) names."""
+    step, rest = steps[0], steps[1:]
+    for name in (list(values) if step == "*" else [step] if step in values else []):
+        value = values[name]
+        if value is None:
+            continue
+        if not rest:
+            yield (*prefix, name)
+        elif isinstance(value, Mapping):
+            yield from _matches(value, rest, (*prefix, name))
+
+
+def _plant(tree: _Tree, keys: tuple[str, ...]) -> None:
+    """Add ``keys`` to ``tree``; a value hashed whole absorbs any deeper path into it."""
+    head, rest = keys[0], keys[1:]
+    if not rest:
+        tree[head] = None  # the whole value is hashed, whatever else was declared under it
+        return
+    below = tree.setdefault(head, {})
+    if below is not None:
+        _plant(below, rest)
 
 
 __all__ = ["IDENTIFIER_FIELDS", "MIN_KEY_BYTES", "Pseudonymizer"]

@@ -25,6 +25,7 @@ import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from aggregator import collector, config, exceptions, flush, migrate, store, tracker
+from aggregator import meters as meters_module
 from aggregator import outbox as outbox_module
 from aggregator import writers as writers_module
 
@@ -62,6 +63,10 @@ class Aggregator:
         pseudonym_allowlist: Iterable[str] = (),
         outbox: Mapping[str, Any] | None = None,
         delivery: config.DeliverySettings | None = None,
+        meters: Mapping[str, Mapping[str, Any]] | Sequence[meters_module.Meter] | None = None,
+        billing_realm: str = "SaaS",
+        billing_instance_id: str | None = None,
+        meter_dedup_horizon: str | float = "2d",
     ) -> None:
         # writers: tables as in the daemon's [writers.NAME] config, or Writer objects (custom writers).
         # outbox: the retry knobs (max_attempts, backoff_initial, backoff_max, poll_interval, drain_timeout,
@@ -74,7 +79,8 @@ class Aggregator:
         self.settings = config.Settings.build(
             database_url=database_url, replica_id=replica_id, window=window, flush_interval=flush_interval,
             grace=grace, collect=collect, collect_interval=collect_interval, stop_timeout=stop_timeout,
-            id_retention=id_retention, delivery=delivery,
+            id_retention=id_retention, delivery=delivery, meters=meters, billing_realm=billing_realm,
+            billing_instance_id=billing_instance_id, meter_dedup_horizon=meter_dedup_horizon,
         )
         # Built now, so a bad writer table fails here rather than at start().
         self._writers = instances or [writers_module.build(name, table) for name, table in delivery.writers]
@@ -84,6 +90,7 @@ class Aggregator:
         self._clock = clock
         self._on_collector_locked = on_collector_locked
         self._tracker = tracker.Tracker(self.settings.window_seconds, clock)
+        self._recorder = meters_module.Recorder(self.settings.meters, self.settings.window_seconds, clock)
         self._state = "new"  # new → running → stopped
         self._mode: str | None = None  # "thread" (own loop) or "async" (host's loop)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -108,7 +115,8 @@ class Aggregator:
         return cls(database_url=s.database_url, replica_id=s.replica_id, window=s.window,
                    flush_interval=s.flush_interval, grace=s.grace, collect=s.collect,
                    collect_interval=s.collect_interval, stop_timeout=s.stop_timeout, id_retention=s.id_retention,
-                   delivery=s.delivery, **kwargs)
+                   delivery=s.delivery, meters=s.meters, billing_realm=s.billing_realm,
+                   billing_instance_id=s.billing_instance_id, meter_dedup_horizon=s.meter_dedup_horizon, **kwargs)
 
     # ---- the hot path ----------------------------------------------------------------------
 
@@ -122,6 +130,37 @@ class Aggregator:
         this definition documents it.)
         """
         self._tracker.track(workspace_id, user_id, allowed, denied, at)
+
+    def record(self, meter: str, value: object = None, dimensions: Mapping[str, object] | None = None, *,
+               event_id: object = None, at: object = None) -> None:
+        """Record one observation of a declared meter; never blocks on I/O.
+
+        ``value``: a sum meter's amount (exact to the meter's decimals), a distinct meter's item; omitted
+        for a count meter. ``dimensions``: exactly the meter's dimensions. ``event_id``: a record with an
+        id already recorded for this meter (within meter_dedup_horizon, on any replica) is ignored.
+        Bad input raises InvalidInput/InvalidType and records nothing.
+        """
+        self._recorder.record(meter, value, dimensions, event_id, at)
+
+    def meters(self) -> list[meters_module.Meter]:
+        """The built-in meters (track()) and the declared ones."""
+        return [*meters_module.BUILTIN, *self.settings.meters]
+
+    def meter_results(self, since: Any = None, meter: str | None = None) -> list[meters_module.Result]:
+        """Per-window meter results of reported windows (with window_start >= ``since``), oldest first."""
+        defs = {m.name: m for m in self.settings.meters}
+
+        async def read() -> list[meters_module.Result]:
+            db = self._store if self._store is not None else store.Store(self.settings.database_url, pool_size=1)
+            try:
+                rows = await db.meter_results(since=_since_epoch(since), meter=meter)
+            finally:
+                if db is not self._store:
+                    await db.close()
+            return [meters_module.Result.from_row(row, defs.get(row["meter"]), self.settings.window_seconds)
+                    for row in rows]
+
+        return self._call(read) if self._state == "running" else asyncio.run(read())
 
     @property
     def replica_id(self) -> str:
@@ -161,12 +200,13 @@ class Aggregator:
         Raises StoreUnavailable if the final flush could not be made durable within ``stop_timeout``
         (the events are then lost, and the error says how many).
         """
-        if self._state == "new" and self._tracker.pending_events():
+        if self._state == "new" and (self._tracker.pending_events() or self._recorder.pending()):
             self.start()  # what was tracked before start() must not be lost either
         with self._lifecycle:
             if self._state != "running":
                 self._state = "stopped"
                 self._tracker.close()
+                self._recorder.close()
                 self._tracker.finish()
                 return
             if self._mode == "async":
@@ -221,11 +261,12 @@ class Aggregator:
         return self
 
     async def astop(self) -> None:
-        if self._state == "new" and self._tracker.pending_events():
+        if self._state == "new" and (self._tracker.pending_events() or self._recorder.pending()):
             await self.astart()
         if self._state != "running":
             self._state = "stopped"
             self._tracker.close()
+            self._recorder.close()
             self._tracker.finish()
             return
         if self._mode == "thread":
@@ -289,6 +330,13 @@ class Aggregator:
         assert db is not None
         return await self._on_own_loop(db.outbox_summary)
 
+    async def aoverflow(self) -> list[dict[str, Any]]:
+        """Per meter: records that went to its __overflow__ group, over the windows the database keeps."""
+        self._require_running()
+        db = self._store
+        assert db is not None
+        return await self._on_own_loop(db.meter_overflow)
+
     # ---- inside the loop ----------------------------------------------------------------------
 
     async def _open(self) -> None:
@@ -299,15 +347,15 @@ class Aggregator:
             await migrate.ensure_current(db, auto_upgrade=db.dialect == "sqlite")
             await db.check_window(s.window_seconds)
             if self._writers:  # refuses to start without a pseudonym key, or if a writer cannot open
-                self._deliverer = outbox_module.Deliverer.from_settings(db, self._writers, d, claimer=s.replica_id,
-                                                                        clock=self._clock)
+                self._deliverer = outbox_module.Deliverer.from_settings(db, self._writers, s, clock=self._clock)
                 await self._deliverer.start()
         except BaseException:
             self._deliverer = None
             await db.close()
             raise
         self._store = db
-        self._flusher = flush.Flusher(self._tracker, db, replica_id=s.replica_id, clock=self._clock)
+        self._flusher = flush.Flusher(self._tracker, db, replica_id=s.replica_id, clock=self._clock,
+                                      recorder=self._recorder)
         scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop())
         scheduler.add_job(self._scheduled_flush, "interval", seconds=s.flush_interval, id="flush",
                           max_instances=1, coalesce=True, misfire_grace_time=None)
@@ -317,6 +365,8 @@ class Aggregator:
                 db, collector_id=s.replica_id, grace=s.grace, id_retention=s.id_retention, clock=self._clock,
                 on_locked=self._on_collector_locked, writers=[w.name for w in self._writers],
                 on_written=self._deliverer.wake if self._deliverer else None, outbox_retention=d.retention,
+                meter_defs=s.meters, billing=collector.Billing(s.billing_realm, s.billing_instance_id),
+                dedup_horizon=s.meter_dedup_horizon,
             )
             scheduler.add_job(self._scheduled_collect, "interval", seconds=s.collect_interval, id="collect",
                               jitter=s.collect_interval / 2, max_instances=1, coalesce=True,
@@ -336,6 +386,7 @@ class Aggregator:
     async def _close(self) -> None:
         assert self._store is not None and self._flusher is not None
         self._tracker.close()
+        self._recorder.close()
         self._state = "stopping"
         if self._drainer is not None:
             self._drainer.cancel()  # a fold in progress finishes in its thread; take() waits for it
@@ -464,6 +515,7 @@ class Aggregator:
         """After fork: forget the parent's data, thread and connections; new replica identity."""
         was_running_thread = self._state == "running" and self._mode == "thread"
         self._tracker.reset_after_fork()
+        self._recorder.reset_after_fork()
         self._lifecycle = threading.Lock()
         if self._auto_replica_id:
             self.settings = _replace_replica_id(self.settings, config.new_replica_id())

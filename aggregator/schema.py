@@ -134,3 +134,75 @@ outbox = sa.Table(
     sa.CheckConstraint("status IN ('pending', 'delivered', 'dead')", name="status"),
 )
 sa.Index("ix_outbox_due", outbox.c.writer, outbox.c.status, outbox.c.next_attempt_at)
+
+# ---- meters (#6) ----------------------------------------------------------------------------------
+# A meter's figures per window and dimension group, added to by every replica's flush. ``late`` rows
+# hold data of windows already reported, counted in the window open when it arrived (as in the core).
+meter_values = sa.Table(
+    "meter_values",
+    metadata,
+    sa.Column("window_start", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("meter", sa.String(64), primary_key=True),
+    sa.Column("group_key", sa.Text, primary_key=True),  # the dimensions as canonical JSON, or __overflow__
+    sa.Column("late", sa.Boolean, primary_key=True),
+    sa.Column("quantity", sa.BigInteger, nullable=False, server_default="0"),  # sum: units; count: records
+    sa.Column("records", sa.BigInteger, nullable=False, server_default="0"),
+)
+
+# Per window and meter: the lock a flush takes to admit new groups, and how many it admitted. Records of
+# groups beyond the meter's max_groups went to __overflow__ (``overflowed`` counts them).
+meter_windows = sa.Table(
+    "meter_windows",
+    metadata,
+    sa.Column("window_start", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("meter", sa.String(64), primary_key=True),
+    sa.Column("groups", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("overflowed", sa.BigInteger, nullable=False, server_default="0"),
+)
+
+# A distinct meter's set per window and group: 128 bits of SHA-256 of each value.
+meter_distinct = sa.Table(
+    "meter_distinct",
+    metadata,
+    sa.Column("window_start", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("meter", sa.String(64), primary_key=True),
+    sa.Column("group_key", sa.Text, primary_key=True),
+    sa.Column("value_hash", sa.Uuid(as_uuid=True), primary_key=True),
+)
+
+# Event ids already counted, per meter (one unit of work may feed several meters under one id), kept
+# for the dedup horizon: a record whose (meter, event id) is here is ignored.
+meter_event_ids = sa.Table(
+    "meter_event_ids",
+    metadata,
+    sa.Column("meter", sa.String(64), primary_key=True),
+    sa.Column("event_id", sa.String(128), primary_key=True),
+    sa.Column("recorded_at", sa.Float, nullable=False, index=True),
+)
+
+# A window's meter results, written with its report, in the same commit.
+meter_reports = sa.Table(
+    "meter_reports",
+    metadata,
+    sa.Column("window_start", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("meter", sa.String(64), primary_key=True),
+    sa.Column("group_key", sa.Text, primary_key=True),
+    sa.Column("late", sa.Boolean, primary_key=True),
+    sa.Column("report_id", sa.BigInteger, sa.ForeignKey("reports.id"), nullable=False),
+    sa.Column("quantity", sa.BigInteger, nullable=False),  # sum: units of 10**-decimals
+    sa.Column("decimals", sa.SmallInteger, nullable=False),
+    sa.Column("records", sa.BigInteger, nullable=False),
+)
+
+# Billable usage events, one per billable meter and group with a quantity, written with the window's
+# report; ``id`` follows commit order (the collector lock), so it is an export cursor like a report's.
+billable_events = sa.Table(
+    "billable_events",
+    metadata,
+    sa.Column("id", _BigSerial, primary_key=True, autoincrement=True),
+    sa.Column("event_id", sa.Uuid(as_uuid=True), nullable=False, unique=True),
+    sa.Column("window_start", sa.BigInteger, nullable=False, index=True),
+    sa.Column("meter", sa.String(64), nullable=False),
+    sa.Column("report_id", sa.BigInteger, sa.ForeignKey("reports.id"), nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),  # the event as JSON, identifiers raw
+)

@@ -132,3 +132,28 @@ def test_outbox_commands_show_and_retry_dead_items(database_url: str) -> None:
     assert "1 dead item(s) queued again" in retried.stdout
     listed = aggregator("outbox", "list", "--status", "pending", "--format", "json", "--database-url", database_url)
     assert [json.loads(line)["attempts"] for line in listed.stdout.splitlines()] == [0]
+
+
+def test_meters_and_billable_export_commands(database_url: str, tmp_path: Path) -> None:
+    """`aggregator meters` prints each window's meter results; `export --kind billable_usage` writes the
+    billable events as CSV with pseudonymized ids."""
+    clock = FakeClock()
+    declared = {"build_seconds": {"aggregation": "sum", "unit": "seconds", "decimals": 1, "billable": True,
+                                  "dimensions": ["project_id"]}}
+    with manual(database_url, clock, meters=declared) as agg:
+        agg.record("build_seconds", 12.5, {"project_id": "p1"})
+        agg.record("build_seconds", 0.25, {"project_id": "p1"})  # rounds half to even: 0.2
+        agg.flush()
+        clock.past_window(T0)
+        agg.collect()
+    shown = aggregator("meters", "--format", "json", "--database-url", database_url)
+    assert shown.returncode == 0, shown.stderr
+    (row,) = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert (row["meter"], row["dimensions"], row["quantity"], row["records"]) == (
+        "build_seconds", {"project_id": "p1"}, 12.7, 2)
+    exported = aggregator("export", "--kind", "billable_usage", "--since", "0", "--out", str(tmp_path / "out"),
+                          "--database-url", database_url, env={"AGGREGATOR_PSEUDONYM_KEY": "y" * 32})
+    assert exported.returncode == 0, exported.stderr
+    (path,) = (tmp_path / "out").iterdir()
+    (event,) = csv.DictReader(io.StringIO(path.read_text()))
+    assert (event["quantity"], event["unit_of_measure"], len(event["project_id"])) == ("12.7", "seconds", 64)

@@ -6,15 +6,30 @@ import csv
 import hashlib
 import hmac
 import io
+import json
 import stat
 import sys
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
-from aggregator import AggregatorError, ConfigError, InvalidInput, Report, export, privacy, reports, store
+from aggregator import (
+    AggregatorError,
+    ConfigError,
+    InvalidInput,
+    Report,
+    billing,
+    export,
+    meters,
+    privacy,
+    reports,
+    schema,
+    store,
+)
 from tests.helpers import T0, WINDOW, FakeClock, ids, manual
 
 KEY = "k" * 32
@@ -281,3 +296,107 @@ async def test_without_boto3_the_upload_says_what_to_install(db: store.Store, tm
     monkeypatch.setitem(sys.modules, "boto3", None)  # makes `import boto3` raise ImportError
     with pytest.raises(ConfigError, match=r"pip install 'aggregator\[s3\]'"):
         await export.export_csv(db, privacy.Pseudonymizer(KEY), since=0, out_dir=tmp_path, s3_url="s3://b/p")
+
+
+# Billable usage events (kind="billable_usage").
+
+
+async def add_billable(database_url: str, count: int, first_window: int = T0) -> list[dict[str, Any]]:
+    """``count`` billable events of one window each, written straight into billable_events under one report."""
+    meter = meters.Meter("ci_minutes", "sum", "seconds", dimensions=("project_id", "runner"), decimals=3,
+                         billable=True)
+    db = store.Store(database_url)
+    try:
+        async with db.transaction() as conn:
+            report = {name: 0 for name in ("unique_workspaces", "unique_users", "allowed_requests",
+                                           "denied_requests", "replicas", "late_allowed_requests",
+                                           "late_denied_requests", "late_unique_workspaces", "late_unique_users")}
+            inserted = await conn.execute(sa.insert(schema.reports).values(
+                window_start=first_window, window_end=first_window + WINDOW, generated_at=float(first_window + WINDOW),
+                generated_by="collector-1", **report).returning(schema.reports.c.id))
+            report_id = inserted.scalar_one()
+            events = []
+            for k in range(count):
+                start = first_window + k * WINDOW
+                made = billing.billable_event(meter, window_start=start, window_end=start + WINDOW,
+                                              dimensions={"project_id": f"p-{k}", "runner": "linux, large"},
+                                              quantity_units=1500 + k, late=False, realm="saas")
+                assert made is not None
+                events.append(made)
+            await conn.execute(sa.insert(schema.billable_events), [
+                {"event_id": uuid.UUID(e["event_id"]), "window_start": first_window + k * WINDOW, "meter": "ci_minutes",
+                 "report_id": report_id, "payload": json.dumps(e, sort_keys=True)} for k, e in enumerate(events)])
+    finally:
+        await db.close()
+    return events
+
+
+async def test_billable_export_writes_every_event_pseudonymized(db: store.Store, database_url: str,
+                                                               tmp_path: Path) -> None:
+    """kind=billable_usage: header in billing.FIELDS order, one row per event in id order, project_id hashed,
+    metadata as sorted compact JSON, absent fields empty; named billable_usage-<since>-<until>.csv."""
+    events = await add_billable(database_url, 3)
+    result = await export.export_csv(db, privacy.Pseudonymizer(KEY, allowlist=["metadata.dimensions.runner"]),
+                                     since=0, out_dir=tmp_path / "out", kind="billable_usage")
+    assert result.path is not None and result.last_id is not None
+    assert f"billable_usage-000000000000-{result.last_id:012d}.csv" == result.path.name
+    assert (3, result.last_id, "billable_usage") == (result.rows, result.next_cursor, result.kind)
+    lines = result.path.read_text().splitlines()
+    assert ",".join(billing.FIELDS) == lines[0]
+    exported = rows(result.path)
+    assert [e["event_id"] for e in events] == [r["event_id"] for r in exported]
+    assert [digest(e["project_id"]) for e in events] == [r["project_id"] for r in exported]
+    assert [r["quantity"] for r in exported] == ["1.5", "1.501", "1.502"]
+    assert [(r["instance_id"], r["namespace_id"], r["subject"]) for r in exported] == [("", "", "")] * 3
+    metadata = {**events[0]["metadata"], "dimensions": {"runner": "linux, large"}}
+    assert json.dumps(metadata, sort_keys=True, separators=(",", ":")) == exported[0]["metadata"]
+    assert "exported 3 billable event(s)" in export.summary(result)
+
+
+async def test_billable_export_is_idempotent_and_incremental(db: store.Store, database_url: str,
+                                                             tmp_path: Path) -> None:
+    """Same cursor: same name and bytes; the next cursor finds only events committed since, then nothing."""
+    await add_billable(database_url, 2)
+    pseudonymizer = privacy.Pseudonymizer(KEY)
+    first = await export.export_csv(db, pseudonymizer, since=0, out_dir=tmp_path / "a", kind="billable_usage")
+    again = await export.export_csv(db, pseudonymizer, since=0, out_dir=tmp_path / "b", kind="billable_usage")
+    assert first.path is not None and again.path is not None
+    assert (first.path.name, first.path.read_bytes()) == (again.path.name, again.path.read_bytes())
+    newer = await add_billable(database_url, 2, first_window=T0 + 10 * WINDOW)
+    second = await export.export_csv(db, pseudonymizer, since=first.next_cursor, out_dir=tmp_path / "a",
+                                     kind="billable_usage")
+    assert second.path is not None
+    assert [e["event_id"] for e in newer] == [r["event_id"] for r in rows(second.path)]
+    third = await export.export_csv(db, pseudonymizer, since=second.next_cursor, out_dir=tmp_path / "a",
+                                    kind="billable_usage")
+    assert export.ExportResult(path=None, rows=0, first_id=None, last_id=None, next_cursor=second.next_cursor,
+                               kind="billable_usage") == third
+    assert f"no billable events after cursor {second.next_cursor}" in export.summary(third)
+
+
+async def test_billable_export_refuses_an_until_not_yet_visible(db: store.Store, database_url: str,
+                                                                tmp_path: Path) -> None:
+    """As for reports: an until beyond the newest billable event id is refused, naming the kind's id."""
+    await add_billable(database_url, 1)
+    with pytest.raises(InvalidInput, match="until=9 is beyond the newest billable event id"):
+        await export.export_csv(db, privacy.Pseudonymizer(KEY), since=0, until=9, out_dir=tmp_path,
+                                kind="billable_usage")
+
+
+async def test_billable_export_without_a_key_names_the_identifiers(db: store.Store, tmp_path: Path) -> None:
+    """No key and nothing allowlisted: ConfigError listing the billable identifier paths; no file."""
+    with pytest.raises(ConfigError, match=r"would send identifiers \(instance_id, metadata\.dimensions\.\*"):
+        await export.export_csv(db, privacy.Pseudonymizer(None), since=0, out_dir=tmp_path / "out",
+                                kind="billable_usage")
+    assert not (tmp_path / "out").exists()
+
+
+async def test_an_unknown_kind_is_a_config_error(db: store.Store, tmp_path: Path) -> None:
+    """An unknown kind names itself and the kinds that can be exported."""
+    with pytest.raises(ConfigError, match="kind='invoices' cannot be exported; use one of: billable_usage, "
+                                          "usage_report"):
+        await export.export_csv(db, privacy.Pseudonymizer(KEY), since=0, out_dir=tmp_path, kind="invoices")
+
+
+def digest(value: str) -> str:
+    return hmac.new(KEY.encode(), value.encode(), hashlib.sha256).hexdigest()

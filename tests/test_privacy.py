@@ -52,9 +52,11 @@ def test_without_a_key_a_writer_that_would_emit_identifiers_is_refused() -> None
     """No key: require() names the fields and both fixes; once they are allowlisted, it passes."""
     with pytest.raises(ConfigError, match=r"writer 'jsonl' would send identifiers \(generated_by\).*"
                                           r"AGGREGATOR_PSEUDONYM_KEY.*pseudonym_allowlist"):
-        Pseudonymizer(None).require(IDENTIFIER_FIELDS, "writer 'jsonl'")
-    Pseudonymizer(None, allowlist=["generated_by"]).require(IDENTIFIER_FIELDS, "writer 'jsonl'")
+        Pseudonymizer(None).require(["usage_report"], "writer 'jsonl'")
+    Pseudonymizer(None, allowlist=["generated_by"]).require(["usage_report"], "writer 'jsonl'")
     Pseudonymizer(KEY).require(IDENTIFIER_FIELDS, "writer 'jsonl'")
+    with pytest.raises(ConfigError, match="project_id"):  # billable events carry more identifiers
+        Pseudonymizer(None, allowlist=["generated_by"]).require(IDENTIFIER_FIELDS, "writer 'jsonl'")
 
 
 def test_a_short_key_is_refused_without_echoing_it() -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,8 @@ import structlog
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from aggregator import config, exceptions, schema
+from aggregator import config, exceptions, meters, schema
+from aggregator.store.meters import MeterQueries
 from aggregator.store.outbox import OutboxQueries
 
 log = structlog.get_logger("aggregator.store")
@@ -78,6 +79,7 @@ class Batch:
     seq: int
     windows: dict[int, BatchWindow]
     events: int
+    meters: meters.MeterBatch | None = None  # record()s of declared meters
 
 
 @dataclasses.dataclass(slots=True)
@@ -85,6 +87,7 @@ class BatchResult:
     applied: bool  # False: this batch had been committed before (an ambiguous commit), skipped now
     late_windows: list[int]  # windows of the batch that were already reported
     late_target: int | None  # the open window the late data was counted in
+    overflowed: int = 0  # meter records that went to an __overflow__ group
 
 
 @contextlib.contextmanager
@@ -118,7 +121,7 @@ def _scrub(message: str, password: str | None) -> str:
     return message.replace(password, "***") if password else message
 
 
-class Store(OutboxQueries):
+class Store(OutboxQueries, MeterQueries):
     """The database behind one Aggregator: an async engine and the statements it runs."""
 
     def __init__(self, url: str, *, pool_size: int = 5) -> None:
@@ -189,15 +192,18 @@ class Store(OutboxQueries):
     # ---- flush -------------------------------------------------------------------------------
 
     async def apply_batch(self, batch: Batch, *, writer_id: uuid.UUID, replica_id: str, window: int,
-                          now: float) -> BatchResult:
+                          now: float, meter_defs: Mapping[str, meters.Meter] | None = None) -> BatchResult:
         """Apply one flush batch exactly once (see the module docstring)."""
         result = BatchResult(applied=False, late_windows=[], late_target=None)
         current = int(now // window) * window
+        metered = batch.meters if batch.meters is not None and batch.meters.records else None
+        meter_starts = set() if metered is None else (
+            {start for start, _, _ in metered.groups} | {r.window_start for r in metered.identified.values()})
         async with self.transaction() as conn:
             last_seq = await self._lock_sequence(conn, writer_id, replica_id, now)
             if last_seq >= batch.seq:
                 return result
-            starts = sorted(set(batch.windows) | {current})
+            starts = sorted(set(batch.windows) | meter_starts | {current})
             closed = await self._share_windows(conn, starts, window)
             for start in sorted(batch.windows):
                 part = batch.windows[start]
@@ -220,6 +226,15 @@ class Store(OutboxQueries):
                                              late_allowed=part.allowed, late_denied=part.denied,
                                              late_workspaces=new_workspaces, late_users=new_users)
                 result.late_windows.append(start)
+            if metered is not None:
+                async def late_target() -> int:
+                    if result.late_target is None:
+                        result.late_target = await self._open_window_from(conn, current, window, closed)
+                    return result.late_target
+
+                result.overflowed = await self._apply_meters(conn, metered, meter_defs or {}, closed=closed,
+                                                             late_target=late_target, now=now)
+                result.late_windows.extend(sorted(meter_starts & closed - set(result.late_windows)))
             await conn.execute(
                 sa.update(schema.flush_sequences)
                 .where(schema.flush_sequences.c.writer_id == writer_id)
@@ -319,7 +334,8 @@ class Store(OutboxQueries):
             return [start for (start,) in rows]
 
     async def collect_window(self, start: int, *, collector_id: str, now: float, on_locked: Any = None,
-                             writers: Sequence[str] = ()) -> dict[str, Any] | None:
+                             writers: Sequence[str] = (), meter_defs: Mapping[str, meters.Meter] | None = None,
+                             billing: Any = None) -> dict[str, Any] | None:
         """Write the report of window ``start`` and close it, if nobody has; returns the report row.
 
         Returns None when another collector is collecting it or it is already reported.
@@ -349,6 +365,7 @@ class Store(OutboxQueries):
                 sa.update(schema.windows).where(schema.windows.c.window_start == start).values(closed_at=now)
             )
             await self._enqueue_report(conn, report, writers, now)
+            report["meters"] = await self._collect_meters(conn, report, meter_defs or {}, billing, writers, now)
         return report
 
     async def _aggregate(self, conn: AsyncConnection, start: int, end: int) -> dict[str, Any]:
@@ -384,7 +401,7 @@ class Store(OutboxQueries):
             "late_unique_users": int(sums[6]),
         }
 
-    async def prune(self, *, before: float) -> int:
+    async def prune(self, *, before: float, event_ids_before: float | None = None) -> int:
         """Drop distinct ids and contributions of reported windows that ended before ``before``.
 
         Window rows stay (they are tiny) so that a very late flush still finds its window closed.
@@ -397,6 +414,7 @@ class Store(OutboxQueries):
             deleted = (await conn.execute(sa.delete(ids).where(ids.c.window_start.in_(old)))).rowcount
             await conn.execute(sa.delete(schema.contributions).where(schema.contributions.c.window_start.in_(old)))
             await conn.execute(sa.delete(schema.flush_sequences).where(schema.flush_sequences.c.updated_at < before))
+            await self.prune_meters(conn, old, event_ids_before=event_ids_before or before)
         return int(deleted or 0)
 
     # ---- read --------------------------------------------------------------------------------

@@ -29,6 +29,9 @@ def event_id(kind: str, key: object, writer: str) -> uuid.UUID:
     return uuid.uuid5(EVENT_NAMESPACE, f"{kind}/{key}/{writer}")
 
 
+_derived_event_id = event_id
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Settlement:
     """What a delivery loop learned about one leased item."""
@@ -55,14 +58,22 @@ class OutboxQueries:
     async def _enqueue_report(self: _Base, conn: AsyncConnection, report: dict[str, Any],
                               writers: Sequence[str], now: float) -> None:
         """Queue ``report`` for each writer, in the transaction that writes the report."""
+        await OutboxQueries._enqueue(self, conn, writers, kind="usage_report", schema_uri=iglu.USAGE_REPORT,
+                                     event_id=None, key=report["window_start"],
+                                     payload=Report.from_row(report).to_dict(), occurred_at=report["generated_at"],
+                                     report_id=report["id"], now=now)
+
+    async def _enqueue(self: _Base, conn: AsyncConnection, writers: Sequence[str], *, kind: str, schema_uri: str,
+                       payload: dict[str, Any], occurred_at: float, report_id: int | None, now: float,
+                       event_id: uuid.UUID | None = None, key: object = None) -> None:
+        """Queue one item for each writer; its event id is ``event_id``, or derived from ``key`` per writer."""
         if not writers:
             return
-        payload = json.dumps(Report.from_row(report).to_dict(), sort_keys=True)
+        text = json.dumps(payload, sort_keys=True)
         await conn.execute(sa.insert(schema.outbox), [
-            {"writer": writer, "event_id": event_id("usage_report", report["window_start"], writer),
-             "kind": "usage_report", "schema_uri": iglu.USAGE_REPORT, "occurred_at": report["generated_at"],
-             "payload": payload, "report_id": report["id"], "status": "pending", "attempts": 0,
-             "next_attempt_at": now, "created_at": now}
+            {"writer": writer, "event_id": event_id or _derived_event_id(kind, key, writer), "kind": kind,
+             "schema_uri": schema_uri, "occurred_at": occurred_at, "payload": text, "report_id": report_id,
+             "status": "pending", "attempts": 0, "next_attempt_at": now, "created_at": now}
             for writer in writers
         ])
 

@@ -1,0 +1,335 @@
+"""Meters: declared sum/count/distinct measures with dimensions, recorded next to track().
+
+A meter has a name, an aggregation, a unit and the dimensions its results are grouped by. Sums are
+exact: values are fixed-point integers in units of ``10**-decimals`` (``decimals=3`` counts
+milliseconds of a ``seconds`` meter), never floats, so totals across replicas add up to the unit.
+``record()`` validates everything before anything is kept; an ``event_id`` makes a record idempotent
+(the store remembers ids for the dedup horizon, across replicas and restarts).
+
+The boundary-usage numbers of ``track()`` are the built-in meters (``BUILTIN``): they are listed with
+the others, come from ``track()`` only, and keep their own report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import decimal
+import hashlib
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
+
+from aggregator import exceptions, tracker
+
+Aggregation = Literal["sum", "count", "distinct"]
+OVERFLOW = "__overflow__"  # the group that takes records beyond a meter's max_groups in a window
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+MAX_DIMENSION_TEXT = 256
+MAX_EVENT_ID = 128
+DEFAULT_MAX_GROUPS = 10_000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Meter:
+    """One declared meter."""
+
+    name: str
+    aggregation: Aggregation
+    unit: str
+    dimensions: tuple[str, ...] = ()
+    field: str | None = None  # sum: what the value measures (e.g. "duration"); distinct: what is counted
+    decimals: int = 0  # sum: values are kept in units of 10**-decimals
+    billable: bool = False
+    event_type: str | None = None  # billable events' event_type; default: the meter's name
+    max_groups: int = DEFAULT_MAX_GROUPS  # distinct dimension combinations per window; more go to OVERFLOW
+    builtin: bool = False
+
+    @classmethod
+    def build(cls, name: str, options: Mapping[str, Any]) -> Meter:
+        """A meter from a ``[meters.NAME]`` table (or keyword arguments); errors name ``meters.NAME.KEY``."""
+        key = f"meters.{name}"
+        known = {"aggregation", "unit", "dimensions", "field", "decimals", "billable", "event_type", "max_groups"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise exceptions.ConfigError(
+                f"{key}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise exceptions.ConfigError(f"meter name {name!r} must be lower case letters, digits and _ (max 63)")
+        if name in BUILTIN_NAMES:
+            raise exceptions.ConfigError(f"meter name {name!r} is built in (track() records it); choose another")
+        aggregation = options.get("aggregation")
+        if aggregation not in ("sum", "count", "distinct"):
+            raise exceptions.ConfigError(f"{key}.aggregation={aggregation!r} must be one of: sum, count, distinct")
+        unit = options.get("unit", "1" if aggregation != "sum" else None)
+        if not isinstance(unit, str) or not 0 < len(unit) <= 64:
+            raise exceptions.ConfigError(f"{key}.unit={unit!r} must name the unit, e.g. \"seconds\" or \"requests\"")
+        dimensions = options.get("dimensions", ())
+        if not isinstance(dimensions, list | tuple) or not all(isinstance(d, str) and _NAME.match(d)
+                                                                for d in dimensions):
+            raise exceptions.ConfigError(
+                f"{key}.dimensions={dimensions!r} must be a list of field names (lower case letters, digits, _)")
+        if len(set(dimensions)) != len(dimensions) or len(dimensions) > 16:
+            raise exceptions.ConfigError(f"{key}.dimensions={dimensions!r} must be at most 16 distinct names")
+        field = options.get("field")
+        if aggregation == "distinct" and (not isinstance(field, str) or not _NAME.match(field)):
+            raise exceptions.ConfigError(f"{key}.field={field!r}: a distinct meter names the field it counts, "
+                                         "e.g. field = \"user_id\"")
+        if field is not None and (not isinstance(field, str) or not _NAME.match(field) or field in dimensions):
+            raise exceptions.ConfigError(f"{key}.field={field!r} must be a field name that is not a dimension")
+        decimals = options.get("decimals", 0)
+        if isinstance(decimals, bool) or not isinstance(decimals, int) or not 0 <= decimals <= 9 or (
+                decimals and aggregation != "sum"):
+            raise exceptions.ConfigError(f"{key}.decimals={decimals!r} must be 0-9, and only sums have decimals")
+        billable = options.get("billable", False)
+        if not isinstance(billable, bool):
+            raise exceptions.ConfigError(f"{key}.billable={billable!r} must be true or false")
+        event_type = options.get("event_type")
+        if event_type is not None and (not isinstance(event_type, str) or not 0 < len(event_type) <= 128):
+            raise exceptions.ConfigError(f"{key}.event_type={event_type!r} must be a string of 1-128 characters")
+        max_groups = options.get("max_groups", DEFAULT_MAX_GROUPS)
+        if isinstance(max_groups, bool) or not isinstance(max_groups, int) or not 1 <= max_groups <= 10_000_000:
+            raise exceptions.ConfigError(f"{key}.max_groups={max_groups!r} must be a whole number from 1 to 10000000")
+        return cls(name=name, aggregation=aggregation, unit=unit, dimensions=tuple(dimensions), field=field,
+                   decimals=decimals, billable=billable, event_type=event_type, max_groups=max_groups)
+
+    def to_units(self, value: object) -> int:
+        """A sum meter's value as an exact integer count of ``10**-decimals``; raises naming the meter."""
+        if isinstance(value, bool) or not isinstance(value, int | float | decimal.Decimal | str):
+            raise exceptions.InvalidType(
+                f"record({self.name!r}): value={value!r} is a {type(value).__name__}; pass a number >= 0")
+        try:
+            number = decimal.Decimal(str(value) if isinstance(value, float) else value)
+        except decimal.InvalidOperation:
+            raise exceptions.InvalidInput(f"record({self.name!r}): value={value!r} is not a number") from None
+        if not number.is_finite() or number < 0:
+            raise exceptions.InvalidInput(f"record({self.name!r}): value={value!r} must be finite and >= 0")
+        units = int(number.scaleb(self.decimals).to_integral_value(decimal.ROUND_HALF_EVEN))
+        if units > tracker.MAX_COUNT * 1000:
+            raise exceptions.InvalidInput(f"record({self.name!r}): value={value!r} is out of range for one record")
+        return units
+
+    def from_units(self, units: int) -> decimal.Decimal:
+        return decimal.Decimal(units).scaleb(-self.decimals)
+
+
+BUILTIN = (
+    Meter("unique_workspaces", "distinct", "workspaces", field="workspace_id", builtin=True),
+    Meter("unique_users", "distinct", "users", field="user_id", builtin=True),
+    Meter("allowed_requests", "sum", "requests", field="allowed", builtin=True),
+    Meter("denied_requests", "sum", "requests", field="denied", builtin=True),
+)
+BUILTIN_NAMES = frozenset(m.name for m in BUILTIN)
+
+
+def declare(tables: Mapping[str, Mapping[str, Any]] | Iterable[Meter]) -> tuple[Meter, ...]:
+    """Meters from ``[meters.NAME]`` tables or Meter objects; names must be unique and not built in."""
+    if isinstance(tables, Mapping):
+        declared = [Meter.build(name, table) for name, table in tables.items()]
+    else:
+        declared = list(tables)
+    names = [m.name for m in declared]
+    for m in declared:
+        if m.name in BUILTIN_NAMES:
+            raise exceptions.ConfigError(f"meter name {m.name!r} is built in (track() records it); choose another")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise exceptions.ConfigError(f"meter(s) {', '.join(duplicates)} declared twice")
+    return tuple(declared)
+
+
+def group_key(dimensions: Mapping[str, str]) -> str:
+    """The stable text of a dimension combination: its JSON with sorted keys."""
+    return json.dumps(dimensions, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def value_hash(value: str) -> uuid.UUID:
+    """128 bits of SHA-256 of a distinct meter's value: what its distinct set stores."""
+    return uuid.UUID(bytes=hashlib.sha256(value.encode()).digest()[:16])
+
+
+@dataclasses.dataclass(slots=True)
+class GroupData:
+    """One meter's pending figures for one dimension combination in one window."""
+
+    dimensions: dict[str, str]
+    quantity: int = 0  # sum: units; count: records
+    records: int = 0
+    distinct: set[uuid.UUID] = dataclasses.field(default_factory=set)
+
+
+@dataclasses.dataclass(slots=True)
+class Identified:
+    """A record with an event id: it travels alone to the store, which drops ids it has seen."""
+
+    event_id: str
+    meter: str
+    window_start: int
+    group: str
+    dimensions: dict[str, str]
+    quantity: int
+    distinct: uuid.UUID | None
+
+
+@dataclasses.dataclass(slots=True)
+class MeterBatch:
+    """What record() gathered since the last take: per (window, meter, group) figures, and identified records."""
+
+    groups: dict[tuple[int, str, str], GroupData] = dataclasses.field(default_factory=dict)
+    # The first record of each (meter, event id).
+    identified: dict[tuple[str, str], Identified] = dataclasses.field(default_factory=dict)
+
+    @property
+    def records(self) -> int:
+        return sum(g.records for g in self.groups.values()) + len(self.identified)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Result:
+    """One meter's figure for one dimension group in one reported window."""
+
+    window_start: dt.datetime
+    window_end: dt.datetime
+    meter: str
+    dimensions: dict[str, str]  # empty for the overflow group
+    overflow: bool  # the group of records beyond max_groups
+    late: bool  # data of earlier, already reported windows that arrived while this one was open
+    quantity: decimal.Decimal  # sum: exact to the meter's decimals; count: records; distinct: values
+    unit: str | None
+    records: int
+    report_id: int
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any], meter: Meter | None, window: int) -> Result:
+        overflow = row["group_key"] == OVERFLOW
+        start = dt.datetime.fromtimestamp(row["window_start"], tz=dt.timezone.utc)
+        dimensions: dict[str, str] = {} if overflow else json.loads(row["group_key"])
+        if meter is not None:  # in the declared order (the stored key is sorted)
+            dimensions = {d: dimensions[d] for d in meter.dimensions if d in dimensions}
+        return cls(window_start=start, window_end=start + dt.timedelta(seconds=window), meter=row["meter"],
+                   dimensions=dimensions, overflow=overflow,
+                   late=bool(row["late"]), quantity=decimal.Decimal(row["quantity"]).scaleb(-row["decimals"]),
+                   unit=meter.unit if meter else None, records=row["records"], report_id=row["report_id"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: times as ISO 8601 UTC, the quantity as a JSON number."""
+        out = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        for name in ("window_start", "window_end"):
+            out[name] = out[name].isoformat().replace("+00:00", "Z")
+        quantity = self.quantity
+        out["quantity"] = int(quantity) if quantity == quantity.to_integral_value() else float(quantity)
+        return out
+
+
+class Recorder:
+    """Pending meter records of one replica; record() is validated, then kept under a short lock."""
+
+    def __init__(self, meters: Iterable[Meter], window: int, clock: Callable[[], float] = time.time) -> None:
+        self.meters = {m.name: m for m in meters}
+        self.window = window
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._batch = MeterBatch()
+        self._open = True
+
+    def record(self, meter: object, value: object = None, dimensions: Mapping[str, object] | None = None,
+               event_id: object = None, at: object = None) -> None:
+        m = self._meter(meter)
+        dims = self._dimensions(m, dimensions)
+        quantity, distinct = 1, None
+        if m.aggregation == "sum":
+            quantity = m.to_units(value)
+        elif m.aggregation == "distinct":
+            distinct = value_hash(_text(value, f"record({m.name!r}): value ({m.field})"))
+            quantity = 0
+        elif value is not None and value != 1:
+            raise exceptions.InvalidInput(
+                f"record({m.name!r}): a count meter counts records; omit value (got {value!r})")
+        eid = None if event_id is None else _event_id(event_id, m.name)
+        moment = self._clock() if at is None else tracker.moment(at)
+        start = tracker.window_start(moment, self.window)
+        group = group_key(dims)
+        with self._lock:
+            if not self._open:
+                raise exceptions.NotRunning("Aggregator is stopped; this record was not kept. Create a new Aggregator")
+            batch = self._batch
+            if eid is not None:
+                # A retry within the same batch is dropped here; across batches and replicas, by the store.
+                batch.identified.setdefault((m.name, eid),
+                                            Identified(eid, m.name, start, group, dims, quantity, distinct))
+                return
+            data = batch.groups.get((start, m.name, group))
+            if data is None:
+                data = batch.groups[(start, m.name, group)] = GroupData(dims)
+            data.quantity += quantity
+            data.records += 1
+            if distinct is not None:
+                data.distinct.add(distinct)
+
+    def take(self) -> MeterBatch:
+        with self._lock:
+            batch, self._batch = self._batch, MeterBatch()
+        return batch
+
+    def pending(self) -> int:
+        with self._lock:
+            return self._batch.records
+
+    def close(self) -> None:
+        with self._lock:
+            self._open = False
+
+    def reset_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._batch = MeterBatch()
+        self._open = True
+
+    def _meter(self, name: object) -> Meter:
+        if not isinstance(name, str):
+            raise exceptions.InvalidType(f"record(): meter={name!r} is a {type(name).__name__}; pass a meter name")
+        meter = self.meters.get(name)
+        if meter is None:
+            if name in BUILTIN_NAMES:
+                raise exceptions.InvalidInput(f"record({name!r}): a built-in meter; track() records it")
+            known = ", ".join(sorted(self.meters)) or "none are declared"
+            raise exceptions.InvalidInput(f"record({name!r}): no such meter; declared meters: {known}")
+        return meter
+
+    @staticmethod
+    def _dimensions(m: Meter, given: Mapping[str, object] | None) -> dict[str, str]:
+        given = {} if given is None else given
+        if not isinstance(given, Mapping):
+            raise exceptions.InvalidType(f"record({m.name!r}): dimensions={given!r} must be a mapping")
+        missing = [d for d in m.dimensions if d not in given]
+        extra = sorted(set(given) - set(m.dimensions), key=str)
+        if missing or extra:
+            raise exceptions.InvalidInput(
+                f"record({m.name!r}): dimensions must be exactly {list(m.dimensions)}"
+                + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else ""))
+        return {d: _text(given[d], f"record({m.name!r}): dimension {d}") for d in m.dimensions}
+
+
+def _text(value: object, what: str) -> str:
+    """A dimension or distinct value as text: strings, ints and UUIDs; nothing lossy or ambiguous."""
+    if isinstance(value, bool) or not isinstance(value, str | int | uuid.UUID):
+        raise exceptions.InvalidType(f"{what}={value!r} is a {type(value).__name__}; pass a string, int or UUID")
+    text = str(value)
+    if not 0 < len(text) <= MAX_DIMENSION_TEXT or text == OVERFLOW:
+        raise exceptions.InvalidInput(f"{what}={value!r} must be 1-{MAX_DIMENSION_TEXT} characters, "
+                                      f"and not {OVERFLOW!r}")
+    return text
+
+
+def _event_id(value: object, meter: str) -> str:
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_EVENT_ID or not value.isprintable():
+        raise exceptions.InvalidInput(
+            f"record({meter!r}): event_id={value!r} must be a UUID or a printable string of 1-{MAX_EVENT_ID} chars")
+    return value
+
+

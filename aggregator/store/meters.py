@@ -1,0 +1,235 @@
+"""The meters' statements: apply a flush's meter records, write a window's meter results and billable events.
+
+Runs inside the core's transactions (``apply_batch``, ``collect_window``), so meter data has the same
+exactly-once and late-data behaviour as the boundary-usage numbers: one commit per flush batch, the
+batch's sequence number making a retry a no-op, and one commit per window's report.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from aggregator import meters, schema
+from aggregator.store.outbox import OutboxQueries
+
+
+class _Base(Protocol):
+    dialect: str
+    url: str
+
+    def transaction(self) -> Any: ...
+
+    def read(self) -> Any: ...
+
+    def _insert(self, table: sa.Table) -> Any: ...
+
+
+class MeterQueries:
+    """Mixed into Store: the meters' SQL."""
+
+    async def billable_events(self: _Base, *, after_id: int = 0, until_id: int | None = None,
+                              limit: int | None = None) -> list[dict[str, Any]]:
+        """Billable event rows (``id``, ``event_id``, ``window_start``, ``meter``, ``payload`` JSON) by id."""
+        b = schema.billable_events
+        query = sa.select(b).where(b.c.id > after_id).order_by(b.c.id)
+        if until_id is not None:
+            query = query.where(b.c.id <= until_id)
+        if limit is not None:
+            query = query.limit(limit)
+        async with self.read() as conn:
+            return [dict(row._mapping) for row in await conn.execute(query)]
+
+    # ---- flush -----------------------------------------------------------------------------------
+
+    async def _apply_meters(self: _Base, conn: AsyncConnection, batch: meters.MeterBatch,
+                            defs: Mapping[str, meters.Meter], *, closed: set[int], late_target: Any,
+                            now: float) -> int:
+        """Apply one flush's meter records; returns how many records went to an overflow group.
+
+        ``late_target`` is an async callable giving the open window that late data is counted in.
+        """
+        groups = dict(batch.groups)
+        # Identified records count once per (meter, event id), across replicas and restarts.
+        fresh = await MeterQueries._new_event_ids(self, conn, list(batch.identified.values()), now)
+        for record in batch.identified.values():
+            if (record.meter, record.event_id) not in fresh:
+                continue
+            data = groups.get((record.window_start, record.meter, record.group))
+            if data is None:
+                data = groups[(record.window_start, record.meter, record.group)] = meters.GroupData(record.dimensions)
+            data.quantity += record.quantity
+            data.records += 1
+            if record.distinct is not None:
+                data.distinct.add(record.distinct)
+        # Where each figure goes: its own window, or (late) the window open now.
+        rows: dict[tuple[int, str, str, bool], list[int]] = {}  # -> [quantity, records]
+        distinct_rows: dict[tuple[int, str, str], set[uuid.UUID]] = {}
+        late_distinct: list[tuple[int, str, str, bool, int, str, set[uuid.UUID]]] = []
+        for (start, meter, group), data in sorted(groups.items(), key=lambda item: item[0]):
+            late = start in closed
+            target = await late_target() if late else start
+            if late and data.distinct:
+                late_distinct.append((target, meter, group, late, start, group, data.distinct))
+            elif data.distinct:
+                distinct_rows.setdefault((target, meter, group), set()).update(data.distinct)
+            figures = rows.setdefault((target, meter, group, late), [0, 0])
+            figures[0] += data.quantity
+            figures[1] += data.records
+        overflowed = await MeterQueries._admit_groups(self, conn, rows, distinct_rows, late_distinct, defs)
+        # Late distinct values join their own window's set; what is new there is counted late now.
+        for target, meter, group, _late, start, origin_group, values in late_distinct:
+            new = await MeterQueries._insert_distinct(self, conn, start, meter, origin_group, values, count_new=True)
+            rows[(target, meter, group, True)][0] += new
+        for (start, meter, group), values in sorted(distinct_rows.items(), key=lambda item: item[0]):
+            await MeterQueries._insert_distinct(self, conn, start, meter, group, values)
+        if rows:
+            v = schema.meter_values
+            insert = self._insert(v)
+            statement = insert.on_conflict_do_update(
+                index_elements=[v.c.window_start, v.c.meter, v.c.group_key, v.c.late],
+                set_={"quantity": v.c.quantity + insert.excluded.quantity,
+                      "records": v.c.records + insert.excluded.records})
+            await conn.execute(statement, [
+                {"window_start": s, "meter": m, "group_key": g, "late": late, "quantity": q, "records": r}
+                for (s, m, g, late), (q, r) in sorted(rows.items())])
+        return overflowed
+
+    async def _new_event_ids(self: _Base, conn: AsyncConnection, records: list[meters.Identified],
+                             now: float) -> set[tuple[str, str]]:
+        """Remember the records' (meter, event id) pairs; return those not seen before."""
+        if not records:
+            return set()
+        table = schema.meter_event_ids
+        fresh: set[tuple[str, str]] = set()
+        ordered = sorted({(r.meter, r.event_id) for r in records})  # one order everywhere: no deadlocks
+        for offset in range(0, len(ordered), 5000):
+            chunk = ordered[offset:offset + 5000]
+            result = await conn.execute(
+                self._insert(table).values([{"meter": m, "event_id": e, "recorded_at": now} for m, e in chunk])
+                .on_conflict_do_nothing().returning(table.c.meter, table.c.event_id))
+            fresh.update((m, e) for m, e in result)
+        return fresh
+
+    async def _admit_groups(self: _Base, conn: AsyncConnection, rows: dict[tuple[int, str, str, bool], list[int]],
+                            distinct_rows: dict[tuple[int, str, str], set[uuid.UUID]],
+                            late_distinct: list[Any], defs: Mapping[str, meters.Meter]) -> int:
+        """Enforce each meter's max_groups per window: groups beyond it are renamed __overflow__ (in place)."""
+        by_window: dict[tuple[int, str], set[str]] = {}
+        for start, meter, group, _late in rows:
+            if group != meters.OVERFLOW:
+                by_window.setdefault((start, meter), set()).add(group)
+        w, v = schema.meter_windows, schema.meter_values
+        redirected = 0
+        for (start, meter), keys in sorted(by_window.items()):
+            cap = defs[meter].max_groups if meter in defs else meters.DEFAULT_MAX_GROUPS
+            await conn.execute(self._insert(w).values(window_start=start, meter=meter).on_conflict_do_nothing())
+            admitted = int(await conn.scalar(
+                sa.select(w.c.groups).where(w.c.window_start == start, w.c.meter == meter).with_for_update()) or 0)
+            known = {g for (g,) in await conn.execute(
+                sa.select(v.c.group_key).distinct().where(v.c.window_start == start, v.c.meter == meter,
+                                                          v.c.group_key.in_(sorted(keys))))}
+            new = sorted(keys - known)
+            room = max(cap - admitted, 0)
+            over = set(new[room:])
+            overflow_records = 0
+            if over:
+                for key in [k for k in rows if k[0] == start and k[1] == meter and k[2] in over]:
+                    figures = rows.pop(key)
+                    overflow_records += figures[1]
+                    target = rows.setdefault((start, meter, meters.OVERFLOW, key[3]), [0, 0])
+                    target[0] += figures[0]
+                    target[1] += figures[1]
+                for dkey in [k for k in distinct_rows if k[0] == start and k[1] == meter and k[2] in over]:
+                    distinct_rows.setdefault((start, meter, meters.OVERFLOW), set()).update(distinct_rows.pop(dkey))
+                for index, item in enumerate(late_distinct):
+                    if item[0] == start and item[1] == meter and item[2] in over:
+                        late_distinct[index] = (item[0], item[1], meters.OVERFLOW, *item[3:])
+                redirected += overflow_records
+            await conn.execute(sa.update(w).where(w.c.window_start == start, w.c.meter == meter).values(
+                groups=w.c.groups + min(len(new), room), overflowed=w.c.overflowed + overflow_records))
+        return redirected
+
+    async def _insert_distinct(self: _Base, conn: AsyncConnection, start: int, meter: str, group: str,
+                               values: set[uuid.UUID], *, count_new: bool = False) -> int:
+        table = schema.meter_distinct
+        ordered = sorted(values)
+        new = 0
+        for offset in range(0, len(ordered), 5000):
+            statement = self._insert(table).values([
+                {"window_start": start, "meter": meter, "group_key": group, "value_hash": h}
+                for h in ordered[offset:offset + 5000]]).on_conflict_do_nothing()
+            if count_new:
+                new += len((await conn.execute(statement.returning(table.c.value_hash))).fetchall())
+            else:
+                await conn.execute(statement)
+        return new
+
+    # ---- collect ---------------------------------------------------------------------------------
+
+    async def _collect_meters(self: _Base, conn: AsyncConnection, report: dict[str, Any],
+                              defs: Mapping[str, meters.Meter], billing: Any, writers: Sequence[str],
+                              now: float) -> list[dict[str, Any]]:
+        """Write the window's meter results and billable events (queued for ``writers``); returns the results."""
+        start, v, d = report["window_start"], schema.meter_values, schema.meter_distinct
+        distinct = {(m, g): n for m, g, n in await conn.execute(
+            sa.select(d.c.meter, d.c.group_key, sa.func.count()).where(d.c.window_start == start)
+            .group_by(d.c.meter, d.c.group_key))}
+        results: list[dict[str, Any]] = []
+        for meter, group, late, quantity, records in await conn.execute(
+                sa.select(v.c.meter, v.c.group_key, v.c.late, v.c.quantity, v.c.records)
+                .where(v.c.window_start == start).order_by(v.c.meter, v.c.group_key, v.c.late)):
+            definition = defs.get(meter)
+            if not late and (meter, group) in distinct:
+                quantity = distinct[(meter, group)]
+            results.append({"window_start": start, "meter": meter, "group_key": group, "late": bool(late),
+                            "report_id": report["id"], "quantity": int(quantity),
+                            "decimals": definition.decimals if definition else 0, "records": int(records)})
+        if results:
+            await conn.execute(sa.insert(schema.meter_reports), results)
+        for result in results:
+            definition = defs.get(result["meter"])
+            if definition is None or not definition.billable or billing is None:
+                continue
+            event = billing.event(definition, result, report)
+            if event is None:
+                continue
+            await conn.execute(sa.insert(schema.billable_events).values(
+                event_id=uuid.UUID(event["event_id"]), window_start=start, meter=result["meter"],
+                report_id=report["id"], payload=json.dumps(event, sort_keys=True)))
+            await OutboxQueries._enqueue(self, conn, writers, kind=billing.KIND, schema_uri=billing.SCHEMA,
+                                         event_id=uuid.UUID(event["event_id"]), payload=event,
+                                         occurred_at=report["window_end"], report_id=report["id"], now=now)
+        return results
+
+    async def prune_meters(self: _Base, conn: AsyncConnection, old: Any, *, event_ids_before: float) -> None:
+        """Inside prune(): meter data of windows reported long ago, and event ids past the dedup horizon."""
+        for table in (schema.meter_values, schema.meter_distinct, schema.meter_windows):
+            await conn.execute(sa.delete(table).where(table.c.window_start.in_(old)))
+        e = schema.meter_event_ids
+        await conn.execute(sa.delete(e).where(e.c.recorded_at < event_ids_before))
+
+    async def meter_results(self: _Base, *, since: int | None = None, meter: str | None = None
+                            ) -> list[dict[str, Any]]:
+        """Meter results of reported windows, oldest first."""
+        r = schema.meter_reports
+        query = sa.select(r).order_by(r.c.window_start, r.c.meter, r.c.group_key, r.c.late)
+        if since is not None:
+            query = query.where(r.c.window_start >= since)
+        if meter is not None:
+            query = query.where(r.c.meter == meter)
+        async with self.read() as conn:
+            return [dict(row._mapping) for row in await conn.execute(query)]
+
+    async def meter_overflow(self: _Base) -> list[dict[str, Any]]:
+        """Records sent to __overflow__, per meter, over the windows still kept."""
+        w = schema.meter_windows
+        async with self.read() as conn:
+            rows = await conn.execute(sa.select(w.c.meter, sa.func.sum(w.c.overflowed).label("records"))
+                                      .group_by(w.c.meter).order_by(w.c.meter))
+            return [{"meter": m, "records": int(n or 0)} for m, n in rows]
