@@ -346,6 +346,7 @@ class Aggregator:
         try:
             await migrate.ensure_current(db, auto_upgrade=db.dialect == "sqlite")
             await db.check_window(s.window_seconds)
+            await db.check_meters(s.meters)
             if self._writers:  # refuses to start without a pseudonym key, or if a writer cannot open
                 self._deliverer = outbox_module.Deliverer.from_settings(db, self._writers, s, clock=self._clock)
                 await self._deliverer.start()

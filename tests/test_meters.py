@@ -210,6 +210,19 @@ def test_meter_declarations_are_validated_naming_the_key() -> None:
         Aggregator(database_url="sqlite:///x.db", meter_dedup_horizon="1h")
 
 
+def test_a_replica_declaring_a_meter_with_other_units_is_refused(database_url: str) -> None:
+    """Sums are stored in the meter's units: a replica with other decimals (or aggregation) would mix them,
+    so it is refused at start, naming both declarations and the way out."""
+    with metered(database_url, FakeClock()):
+        pass
+    changed = dict(METERS, compute_seconds=dict(METERS["compute_seconds"], decimals=0))
+    agg = metered(database_url, FakeClock(), meters=changed)
+    from aggregator import ConfigError
+
+    with pytest.raises(ConfigError, match="decimals=0 differ from aggregation='sum', decimals=3.*new name"):
+        agg.start()
+
+
 def test_the_boundary_usage_numbers_are_the_built_in_meters(sqlite_url: str) -> None:
     """Without declarations the meters are the four boundary-usage numbers; track() and reports are as before."""
     agg = manual(sqlite_url, FakeClock())

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from aggregator import meters, schema
+from aggregator import exceptions, meters, schema
 from aggregator.store.outbox import OutboxQueries
 
 
@@ -32,6 +32,25 @@ class _Base(Protocol):
 
 class MeterQueries:
     """Mixed into Store: the meters' SQL."""
+
+    async def check_meters(self: _Base, declared: Sequence[meters.Meter]) -> None:
+        """Record each meter's aggregation and decimals on first use; refuse a replica that declares them otherwise.
+
+        Stored figures are in the meter's units, so a change of either would mix units; dimensions, unit
+        and the rest may change (new groups simply appear).
+        """
+        m = schema.meta
+        for meter in declared:
+            key, shape = f"meter:{meter.name}", f"{meter.aggregation}/{meter.decimals}"
+            async with self.transaction() as conn:
+                await conn.execute(self._insert(m).values(key=key, value=shape).on_conflict_do_nothing())
+                stored = await conn.scalar(sa.select(m.c.value).where(m.c.key == key))
+            if stored != shape:
+                aggregation, _, decimals = str(stored).partition("/")
+                raise exceptions.ConfigError(
+                    f"meters.{meter.name}: aggregation={meter.aggregation!r}, decimals={meter.decimals} differ from "
+                    f"aggregation={aggregation!r}, decimals={decimals} that this database records it with; every "
+                    "replica must declare a meter alike (to change either, declare a meter with a new name)")
 
     async def billable_events(self: _Base, *, after_id: int = 0, until_id: int | None = None,
                               limit: int | None = None) -> list[dict[str, Any]]:
