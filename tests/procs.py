@@ -105,3 +105,42 @@ def stress_replica(url: str, index: int, threads: int, window: int, duration: fl
             m[2] += allowed
             m[3] += denied
     out.put({start: (sorted(ws), sorted(u), a, d) for start, (ws, u, a, d) in merged.items()})
+
+
+PROCESS_METERS = {
+    "work": {"aggregation": "sum", "unit": "ms", "dimensions": ["project"]},
+    "users": {"aggregation": "distinct", "field": "user", "unit": "users", "dimensions": ["project"]},
+}
+JOBS = 3000
+
+
+def meter_replica(url: str, index: int, window: int, duration: float, out: Any) -> None:
+    """One replica of the meters process test: 3 threads recording; job ids overlap across processes."""
+    agg = Aggregator(database_url=url, window=f"{window}s", flush_interval="0.25s", grace="3s",
+                     collect_interval="0.5s", replica_id=f"meters-{index}", meters=PROCESS_METERS,
+                     handle_sigterm=False).start()
+    users: dict[tuple[int, str], set[int]] = {}
+    jobs: set[int] = set()
+    lock = threading.Lock()
+    deadline = time.time() + duration
+
+    def work(seed: int) -> None:
+        rng = random.Random(index * 10 + seed)
+        while time.time() < deadline:
+            k = rng.randrange(JOBS)  # the same job is recorded by other threads and processes too
+            agg.record("work", k % 97 + 1, {"project": f"p{k % 5}"}, event_id=f"job-{k}")
+            user, now = rng.randrange(200), time.time()
+            agg.record("users", f"u{user}", {"project": f"p{user % 5}"}, at=now)
+            with lock:
+                jobs.add(k)
+                users.setdefault((int(now // window) * window, f"p{user % 5}"), set()).add(user)
+            if rng.random() < 0.2:
+                time.sleep(0.001)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    agg.stop()
+    out.put(({f"{s}/{p}": sorted(u) for (s, p), u in users.items()}, sorted(jobs)))

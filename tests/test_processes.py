@@ -215,3 +215,41 @@ def test_stress_processes_threads_short_windows(database_url: str) -> None:
     assert sum(r.late_allowed_requests + r.late_denied_requests for r in reports) == 0
     assert total_requests(reports) == sum(t[2] + t[3] for t in truth.values())
     assert len(truth) >= duration / window - 1
+
+
+@pytest.mark.slow
+def test_meters_from_processes_and_threads_are_exact(database_url: str) -> None:
+    """3 processes x 3 threads record for 8 s with 2 s windows: each job id counts once whichever process
+    recorded it (sums per project equal the truth), and distinct users per window and project are exact."""
+    window, duration = 2, 8.0
+    out = SPAWN.Queue()
+    workers = [SPAWN.Process(target=procs.meter_replica, args=(database_url, i, window, duration, out))
+               for i in range(3)]
+    for p in workers:
+        p.start()
+    parts = [out.get(timeout=duration + 120) for _ in workers]
+    for p in workers:
+        p.join(30)
+    assert [p.exitcode for p in workers] == [0] * 3
+    users: dict[str, set[int]] = {}
+    jobs: set[int] = set()
+    for part_users, part_jobs in parts:
+        jobs.update(part_jobs)
+        for key, values in part_users.items():
+            users.setdefault(key, set()).update(values)
+    reader = Aggregator(database_url=database_url, window=f"{window}s", grace="3s", flush_interval="1h",
+                        collect_interval="1h", clock=lambda: time.time() + 60, meters=procs.PROCESS_METERS,
+                        handle_sigterm=False)
+    with reader:
+        reader.collect()
+        results = reader.meter_results()
+    work: dict[str, int] = {}
+    for r in results:
+        if r.meter == "work":
+            work[r.dimensions["project"]] = work.get(r.dimensions["project"], 0) + int(r.quantity)
+    truth = {f"p{p}": sum(k % 97 + 1 for k in jobs if k % 5 == p) for p in range(5)}
+    assert work == truth
+    got_users = {f"{int(r.window_start.timestamp())}/{r.dimensions['project']}": int(r.quantity)
+                 for r in results if r.meter == "users" and not r.late}
+    assert got_users == {key: len(values) for key, values in users.items()}
+    assert [r for r in results if r.late] == []
