@@ -10,6 +10,7 @@ import datetime as dt
 import hmac
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import structlog
@@ -45,6 +46,27 @@ class TrackBatch(BaseModel):
     events: list[Event] = Field(min_length=1)
 
 
+class MeterRecord(BaseModel):
+    """One record of a declared meter (see `aggregator meters` and the README)."""
+
+    model_config = ConfigDict(extra="forbid")
+    meter: str = Field(min_length=1, max_length=64)
+    value: Annotated[int, Field(strict=True)] | float | str | None = Field(
+        default=None, description="a sum's amount (a number, or a decimal string for exactness); a distinct "
+                                   "meter's item; omitted for a count")
+    dimensions: dict[str, Annotated[str, Field(max_length=256)] | Annotated[int, Field(strict=True)]] = Field(
+        default_factory=dict, description="exactly the meter's dimensions")
+    event_id: str | None = Field(default=None, min_length=1, max_length=128,
+                                 description="a record whose id this meter already counted is ignored")
+    time: dt.datetime | float | None = Field(
+        default=None, description="when it happened: ISO 8601 with a UTC offset, or epoch seconds; default now")
+
+
+class RecordBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    records: list[MeterRecord] = Field(min_length=1)
+
+
 class Accepted(BaseModel):
     accepted: int
 
@@ -60,6 +82,7 @@ class Problem(BaseModel):
 
 
 _BATCH = TypeAdapter(TrackBatch)
+_RECORDS = TypeAdapter(RecordBatch)
 _BEARER = HTTPBearer(auto_error=False, description="a token from api_tokens (AGGREGATOR_API_TOKENS)")
 _PROBLEMS: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "missing or wrong bearer token"},
@@ -110,6 +133,36 @@ def build_app(agg: Aggregator, settings: config.DaemonSettings, counters: metric
             agg.track(event.workspace_id, event.user_id, event.allowed, event.denied, at=moment)
         counters.events_accepted += len(events)
         return Accepted(accepted=len(events))
+
+    @app.post("/v1/record", status_code=202, response_model=Accepted, responses=_PROBLEMS | {
+        413: {"model": Problem, "description": "body larger than max_body_bytes"}},
+        dependencies=[Depends(authorized)],
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/RecordBatch"}}}}})
+    async def record(request: Request) -> Accepted:
+        """Record a batch of meter records; all or nothing. A retried record with an event_id counts once."""
+        body = await _read_limited(request, limit, counters)
+        try:
+            batch = _RECORDS.validate_json(body)
+        except ValidationError as exc:
+            counters.rejected["invalid"] += 1
+            errors = [_describe(e) for e in exc.errors(include_url=False, include_input=False)]
+            raise HTTPException(422, {"detail": "; ".join(f"{e['loc']}: {e['message']}" for e in errors),
+                                      "errors": errors}) from None
+        records = batch.records
+        if len(records) > settings.max_events_per_request:
+            counters.rejected["invalid"] += 1
+            raise HTTPException(422, f"records: {len(records)} records, at most {settings.max_events_per_request} "
+                                     "per request (max_events_per_request)")
+        moments = _check_times(records, settings, counters, "records")
+        try:
+            agg.record_many([{"meter": r.meter, "value": r.value, "dimensions": r.dimensions, "event_id": r.event_id,
+                              "at": moment} for r, moment in zip(records, moments, strict=True)])
+        except exceptions.InvalidInput as exc:
+            counters.rejected["invalid"] += 1
+            raise HTTPException(422, str(exc)) from None
+        counters.records_accepted += len(records)
+        return Accepted(accepted=len(records))
 
     @app.get("/v1/reports", response_model=ReportPage, responses=_PROBLEMS, dependencies=[Depends(authorized)])
     async def pull(after: Annotated[str, Query(pattern=r"^[0-9]{1,18}$",
@@ -195,8 +248,8 @@ def _describe(error: Any) -> dict[str, Any]:
     return out
 
 
-def _check_times(events: list[Event], settings: config.DaemonSettings,
-                 counters: metrics.Counters) -> list[float | None]:
+def _check_times(events: Sequence[Event | MeterRecord], settings: config.DaemonSettings,
+                 counters: metrics.Counters, name: str = "events") -> list[float | None]:
     now = time.time()
     oldest, newest = now - settings.max_event_age, now + settings.max_event_future
     moments: list[float | None] = []
@@ -205,14 +258,14 @@ def _check_times(events: list[Event], settings: config.DaemonSettings,
         moment: float | None = None
         if isinstance(event.time, dt.datetime):
             if event.time.tzinfo is None:
-                errors.append({"loc": f"events[{index}].time", "index": index, "field": "time",
+                errors.append({"loc": f"{name}[{index}].time", "index": index, "field": "time",
                                "message": "needs a UTC offset, e.g. 2026-01-31T12:00:00Z"})
                 continue
             moment = event.time.timestamp()
         elif event.time is not None:
             moment = float(event.time)
         if moment is not None and not oldest <= moment <= newest:
-            errors.append({"loc": f"events[{index}].time", "index": index, "field": "time",
+            errors.append({"loc": f"{name}[{index}].time", "index": index, "field": "time",
                            "message": f"{moment:.0f} is outside the accepted range (max_event_age "
                                       f"{settings.max_event_age:g}s, max_event_future {settings.max_event_future:g}s)"})
         moments.append(moment)

@@ -164,9 +164,9 @@ class GroupData:
 
 @dataclasses.dataclass(slots=True)
 class Identified:
-    """A record with an event id: it travels alone to the store, which drops ids it has seen."""
+    """A validated record; one with an event id travels alone to the store, which drops ids it has seen."""
 
-    event_id: str
+    event_id: str  # "" when the record has none
     meter: str
     window_start: int
     group: str
@@ -238,6 +238,26 @@ class Recorder:
 
     def record(self, meter: object, value: object = None, dimensions: Mapping[str, object] | None = None,
                event_id: object = None, at: object = None) -> None:
+        self._keep([self.prepare(meter, value, dimensions, event_id, at)])
+
+    def record_many(self, records: Iterable[Mapping[str, Any]]) -> int:
+        """Several records, all or none: each is validated (errors name its index) before any is kept."""
+        prepared = []
+        for index, fields in enumerate(records):
+            try:
+                prepared.append(self.prepare(**fields))
+            except TypeError as exc:
+                if isinstance(exc, exceptions.AggregatorError):
+                    raise type(exc)(f"records[{index}]: {exc}") from None
+                raise exceptions.InvalidType(f"records[{index}]: {exc}") from None
+            except exceptions.AggregatorError as exc:
+                raise type(exc)(f"records[{index}]: {exc}") from None
+        self._keep(prepared)
+        return len(prepared)
+
+    def prepare(self, meter: object, value: object = None, dimensions: Mapping[str, object] | None = None,
+                event_id: object = None, at: object = None) -> Identified:
+        """One record validated and placed in its window and group; nothing is kept yet."""
         m = self._meter(meter)
         dims = self._dimensions(m, dimensions)
         quantity, distinct = 1, None
@@ -249,26 +269,28 @@ class Recorder:
         elif value is not None and value != 1:
             raise exceptions.InvalidInput(
                 f"record({m.name!r}): a count meter counts records; omit value (got {value!r})")
-        eid = None if event_id is None else _event_id(event_id, m.name)
+        eid = "" if event_id is None else _event_id(event_id, m.name)
         moment = self._clock() if at is None else tracker.moment(at)
-        start = tracker.window_start(moment, self.window)
-        group = group_key(dims)
+        return Identified(eid, m.name, tracker.window_start(moment, self.window), group_key(dims), dims, quantity,
+                          distinct)
+
+    def _keep(self, prepared: list[Identified]) -> None:
         with self._lock:
             if not self._open:
                 raise exceptions.NotRunning("Aggregator is stopped; this record was not kept. Create a new Aggregator")
             batch = self._batch
-            if eid is not None:
-                # A retry within the same batch is dropped here; across batches and replicas, by the store.
-                batch.identified.setdefault((m.name, eid),
-                                            Identified(eid, m.name, start, group, dims, quantity, distinct))
-                return
-            data = batch.groups.get((start, m.name, group))
-            if data is None:
-                data = batch.groups[(start, m.name, group)] = GroupData(dims)
-            data.quantity += quantity
-            data.records += 1
-            if distinct is not None:
-                data.distinct.add(distinct)
+            for item in prepared:
+                if item.event_id:
+                    # A retry within the same batch is dropped here; across batches and replicas, by the store.
+                    batch.identified.setdefault((item.meter, item.event_id), item)
+                    continue
+                data = batch.groups.get((item.window_start, item.meter, item.group))
+                if data is None:
+                    data = batch.groups[(item.window_start, item.meter, item.group)] = GroupData(item.dimensions)
+                data.quantity += item.quantity
+                data.records += 1
+                if item.distinct is not None:
+                    data.distinct.add(item.distinct)
 
     def take(self) -> MeterBatch:
         with self._lock:

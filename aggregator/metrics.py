@@ -16,6 +16,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 @dataclasses.dataclass
 class Counters:
     events_accepted: int = 0
+    records_accepted: int = 0
     rejected: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
 
@@ -31,6 +32,8 @@ def render(status: dict[str, Any], counters: Counters, outbox: list[dict[str, An
 
     metric("events_accepted_total", "counter", "Events accepted by POST /v1/track.",
            [("", counters.events_accepted)])
+    metric("records_accepted_total", "counter", "Meter records accepted by POST /v1/record.",
+           [("", counters.records_accepted)])
     metric("requests_rejected_total", "counter", "API requests rejected, by reason.",
            [(f'{{reason="{r}"}}', counters.rejected[r]) for r in ("unauthorized", "invalid", "too_large")])
     metric("unflushed_events", "gauge", "Events tracked in this replica and not yet durable.",

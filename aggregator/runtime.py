@@ -142,6 +142,10 @@ class Aggregator:
         """
         self._recorder.record(meter, value, dimensions, event_id, at)
 
+    def record_many(self, records: Iterable[Mapping[str, Any]]) -> int:
+        """Several records (dicts of record()'s arguments: meter, value, dimensions, event_id, at), all or none."""
+        return self._recorder.record_many(records)
+
     def meters(self) -> list[meters_module.Meter]:
         """The built-in meters (track()) and the declared ones."""
         return [*meters_module.BUILTIN, *self.settings.meters]

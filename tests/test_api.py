@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import decimal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -193,3 +195,55 @@ async def test_openapi_declares_bearer_auth(client: tuple) -> None:
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     assert spec["paths"]["/v1/track"]["post"]["security"] == [{"HTTPBearer": []}]
     assert "security" not in spec["paths"]["/healthz"]["get"]
+
+
+METERS = {"build_seconds": {"aggregation": "sum", "unit": "seconds", "decimals": 2, "dimensions": ["project_id"]},
+          "builds": {"aggregation": "count", "unit": "builds", "dimensions": ["project_id"]}}
+
+
+@pytest.fixture
+async def metered(database_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, Aggregator, FakeClock]]:
+    settings = config.load_daemon_settings(
+        {"database_url": database_url, "api_tokens": TOKEN, "window": f"{WINDOW}s", "max_events_per_request": "20"},
+        environ={})
+    clock = FakeClock()
+    async with manual(database_url, clock, meters=METERS) as agg:
+        app = api.build_app(agg, settings, metrics.Counters())
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            yield http, agg, clock
+
+
+async def test_records_over_http_count_once_per_event_id(metered: tuple) -> None:
+    """POST /v1/record accepts a batch; the same batch retried (same event ids) changes nothing."""
+    http, agg, clock = metered
+    batch = {"records": [
+        {"meter": "build_seconds", "value": "12.34", "dimensions": {"project_id": "p1"}, "event_id": "job-1"},
+        {"meter": "build_seconds", "value": 0.66, "dimensions": {"project_id": "p1"}, "event_id": "job-2"},
+        {"meter": "builds", "dimensions": {"project_id": 7}, "event_id": "job-1"}]}
+    for _ in range(2):
+        response = await http.post("/v1/record", headers=AUTH, json=batch)
+        assert (response.status_code, response.json()) == (202, {"accepted": 3})
+        await agg.aflush()
+    clock.past_window(T0)
+    await agg.acollect()
+    results = await asyncio.to_thread(agg.meter_results)
+    assert [(r.meter, r.dimensions, r.quantity) for r in results] == [
+        ("build_seconds", {"project_id": "p1"}, decimal.Decimal("13.00")), ("builds", {"project_id": "7"}, 1)]
+
+
+async def test_a_bad_record_rejects_the_whole_batch_naming_it(metered: tuple) -> None:
+    """One record with a missing dimension: 422 naming its index and the dimension; nothing is recorded.
+    No token: 401."""
+    http, agg, _ = metered
+    response = await http.post("/v1/record", headers=AUTH, json={"records": [
+        {"meter": "builds", "dimensions": {"project_id": "p1"}},
+        {"meter": "build_seconds", "value": 5}]})
+    assert response.status_code == 422
+    assert "records[1]" in response.json()["detail"] and "project_id" in response.json()["detail"]
+    response = await http.post("/v1/record", headers=AUTH, json={"records": [
+        {"meter": "build_seconds", "value": -1, "dimensions": {"project_id": "p1"}}]})
+    assert response.status_code == 422 and ">= 0" in response.json()["detail"]
+    unauthorized = await http.post("/v1/record", json={"records": [{"meter": "builds",
+                                                                    "dimensions": {"project_id": "p"}}]})
+    assert unauthorized.status_code == 401
+    assert agg._recorder.pending() == 0
