@@ -1,6 +1,7 @@
 """aggregator: exactly-once usage aggregation across replicas, on SQLite or PostgreSQL.
 
-The data path, one module each: tracker → flush → store → collector → reports.
+The data path, one module each: tracker → flush → store → collector → reports → outbox → writers;
+meters.py and experiences.py feed the same flush and collector (record(), checkpoint()).
 """
 
 from aggregator.exceptions import (
@@ -13,6 +14,7 @@ from aggregator.exceptions import (
     StoreError,
     StoreUnavailable,
 )
+from aggregator.meters import Meter
 from aggregator.reports import Report
 from aggregator.runtime import Aggregator
 
@@ -22,6 +24,7 @@ __all__ = [
     "ConfigError",
     "InvalidInput",
     "InvalidType",
+    "Meter",
     "NotRunning",
     "Report",
     "SchemaOutdated",

@@ -11,7 +11,7 @@ import hmac
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import structlog
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
@@ -67,6 +67,32 @@ class RecordBatch(BaseModel):
     records: list[MeterRecord] = Field(min_length=1)
 
 
+class CheckpointIn(BaseModel):
+    """One checkpoint of an experience (a user-facing journey); see the README."""
+
+    model_config = ConfigDict(extra="forbid")
+    correlation_id: str = Field(min_length=26, max_length=26, description="a ULID naming the journey")
+    experience_id: str = Field(min_length=1, max_length=64, description="e.g. http_request")
+    checkpoint: Literal["start", "intermediate", "end"]
+    checkpoint_category: str | None = Field(default=None, min_length=1, max_length=64)
+    type: str = Field(min_length=1, max_length=64, description="the sending service or component")
+    feature_category: str = Field(min_length=1, max_length=64)
+    urgency: str = Field(min_length=1, max_length=32, description="one of the configured experience_urgencies")
+    client_timestamp: dt.datetime = Field(description="ISO 8601 with a UTC offset")
+    outcome: Literal["success", "failure"] | None = Field(default=None, description="on end; default success")
+    meta: dict[str, Any] | None = Field(default=None, description="at most 4 KiB as JSON")
+
+
+class CheckpointBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    checkpoints: list[CheckpointIn] = Field(min_length=1)
+
+
+class CheckpointsAccepted(BaseModel):
+    accepted: int
+    server_timestamp: str
+
+
 class Accepted(BaseModel):
     accepted: int
 
@@ -83,9 +109,11 @@ class Problem(BaseModel):
 
 _BATCH = TypeAdapter(TrackBatch)
 _RECORDS = TypeAdapter(RecordBatch)
+_CHECKPOINTS = TypeAdapter(CheckpointBatch)
 _BEARER = HTTPBearer(auto_error=False, description="a token from api_tokens (AGGREGATOR_API_TOKENS)")
 _PROBLEMS: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "missing or wrong bearer token"},
+    403: {"model": Problem, "description": "the token is limited to sending checkpoints"},
     422: {"model": Problem, "description": "invalid input; `errors` names each bad field"},
 }
 
@@ -93,20 +121,35 @@ _PROBLEMS: dict[int | str, dict[str, Any]] = {
 def build_app(agg: Aggregator, settings: config.DaemonSettings, counters: metrics.Counters) -> FastAPI:
     app = FastAPI(title="aggregator", version="1", summary="Exactly-once usage aggregation",
                   docs_url=None, redoc_url=None)
-    tokens = [t.encode() for t in settings.api_tokens]
+    tokens = [(token.encode(), types) for token, types in config.token_scopes(settings.api_tokens)]
     limit = settings.max_body_bytes
 
-    def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)]) -> None:
+    def scope(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)]
+              ) -> frozenset[str] | None:
+        """The checkpoint types the caller's token is limited to (None: any use); 401 without a valid token."""
         if not tokens:
-            return  # no tokens configured: allowed only on a loopback address (see config)
+            return None  # no tokens configured: allowed only on a loopback address (see config)
         given = credentials.credentials.encode() if credentials is not None else b""
         # Compare against every token, always, so timing says nothing about which one nearly matched.
+        found: frozenset[str] | None = None
         matched = False
-        for token in tokens:
-            matched |= hmac.compare_digest(given, token)
+        for token, types in tokens:
+            hit = hmac.compare_digest(given, token)
+            matched |= hit
+            if hit:
+                found = types
         if not matched:
             counters.rejected["unauthorized"] += 1
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+        return found
+
+    # Dependencies as defaults, not in Annotated: `scope` is local, and annotations here are strings.
+    def authorized(types: frozenset[str] | None = Depends(scope)) -> None:  # noqa: B008
+        """Track, record and pull need a token that is not limited to checkpoint types."""
+        if types is not None:
+            counters.rejected["forbidden"] += 1
+            raise HTTPException(403, "this token may only send checkpoints (of types "
+                                     f"{', '.join(sorted(types))})")
 
     @app.post("/v1/track", status_code=202, response_model=Accepted, responses=_PROBLEMS | {
         413: {"model": Problem, "description": "body larger than max_body_bytes"}},
@@ -163,6 +206,41 @@ def build_app(agg: Aggregator, settings: config.DaemonSettings, counters: metric
             raise HTTPException(422, str(exc)) from None
         counters.records_accepted += len(records)
         return Accepted(accepted=len(records))
+
+    @app.post("/v1/checkpoints", status_code=202, response_model=CheckpointsAccepted, responses=_PROBLEMS | {
+        403: {"model": Problem, "description": "the token may not send checkpoints of this type"},
+        413: {"model": Problem, "description": "body larger than max_body_bytes"}},
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/CheckpointBatch"}}}}})
+    async def checkpoints(request: Request,
+                          types: frozenset[str] | None = Depends(scope)) -> CheckpointsAccepted:  # noqa: B008
+        """Report checkpoints of experiences; all or nothing. A retried checkpoint changes nothing."""
+        body = await _read_limited(request, limit, counters)
+        try:
+            batch = _CHECKPOINTS.validate_json(body)
+        except ValidationError as exc:
+            counters.rejected["invalid"] += 1
+            errors = [_describe(e) for e in exc.errors(include_url=False, include_input=False)]
+            raise HTTPException(422, {"detail": "; ".join(f"{e['loc']}: {e['message']}" for e in errors),
+                                      "errors": errors}) from None
+        items = batch.checkpoints
+        if len(items) > settings.max_events_per_request:
+            counters.rejected["invalid"] += 1
+            raise HTTPException(422, f"checkpoints: {len(items)} checkpoints, at most "
+                                     f"{settings.max_events_per_request} per request (max_events_per_request)")
+        if types is not None:
+            refused = sorted({c.type for c in items} - types)
+            if refused:
+                counters.rejected["forbidden"] += 1
+                raise HTTPException(403, f"this token may not send checkpoints of type(s) {', '.join(refused)}; "
+                                         f"it is limited to {', '.join(sorted(types))}")
+        try:
+            accepted_at = agg.checkpoint_many([c.model_dump(exclude_none=True, mode="json") for c in items])
+        except exceptions.InvalidInput as exc:
+            counters.rejected["invalid"] += 1
+            raise HTTPException(422, str(exc)) from None
+        counters.checkpoints_accepted += len(items)
+        return CheckpointsAccepted(accepted=len(items), server_timestamp=_utc(accepted_at))
 
     @app.get("/v1/reports", response_model=ReportPage, responses=_PROBLEMS, dependencies=[Depends(authorized)])
     async def pull(after: Annotated[str, Query(pattern=r"^[0-9]{1,18}$",
@@ -275,3 +353,7 @@ def _check_times(events: Sequence[Event | MeterRecord], settings: config.DaemonS
                                   "errors": errors})
     return moments
 
+
+
+def _utc(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")

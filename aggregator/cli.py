@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     meter.add_argument("--format", default="table", choices=["table", "json"])
     meter.set_defaults(run=_meters)
 
+    journeys = commands.add_parser("experiences", help="SLIs per window, experience and urgency, oldest first")
+    _env_option(journeys, "--database-url", "AGGREGATOR_DATABASE_URL", "database URL")
+    journeys.add_argument("--format", default="table", choices=["table", "json"])
+    journeys.set_defaults(run=_experiences)
+
     box = commands.add_parser("outbox", help="report delivery: status, items, dead-letter retry").add_subparsers(
         dest="outbox_command", required=True, metavar="OUTBOX_COMMAND")
     status = box.add_parser("status", help="items per writer and status, and the oldest one's age")
@@ -332,4 +337,16 @@ def _meters(args: argparse.Namespace) -> int:
         for row in shown:
             row["dimensions"] = ",".join(f"{k}={v}" for k, v in row["dimensions"].items()) or "-"
     _print_rows(shown, args.format, empty="no meter results yet")
+    return 0
+
+
+def _experiences(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    rows = asyncio.run(_with_store(args.database_url, lambda db: db.experience_slis()))
+    shown = [{"window_start": dt.datetime.fromtimestamp(r["window_start"], dt.timezone.utc).isoformat()
+              .replace("+00:00", "Z"), **{k: r[k] for k in (
+                  "experience_id", "urgency", "started", "succeeded", "failed", "timed_out", "completed",
+                  "duration_p50_s", "duration_p90_s", "duration_p99_s")}} for r in rows]
+    _print_rows(shown, args.format, empty="no experience SLIs yet")
     return 0

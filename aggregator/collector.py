@@ -43,6 +43,7 @@ class Billing:
 class CollectorStats:
     runs: int = 0
     reports_written: int = 0
+    timed_out: int = 0  # experiences this replica timed out
     failures: int = 0
     last_error: str | None = None
 
@@ -53,7 +54,7 @@ class Collector:
                  on_locked: Callable[[], Awaitable[None]] | None = None, writers: Sequence[str] = (),
                  on_written: Callable[[], None] | None = None, outbox_retention: float = 7 * 86400.0,
                  meter_defs: Sequence[meters.Meter] = (), billing: Billing | None = None,
-                 dedup_horizon: float = 2 * 86400.0) -> None:
+                 dedup_horizon: float = 2 * 86400.0, window: int | None = None) -> None:
         self.store = store_
         self.collector_id = collector_id
         self.grace = grace
@@ -67,6 +68,7 @@ class Collector:
         self.meter_defs = {m.name: m for m in meter_defs}
         self.billing = billing
         self.dedup_horizon = dedup_horizon
+        self.window = window  # set: this collector also times out stale experiences
         self.busy = asyncio.Lock()  # held while a run is in progress; stop() waits on it
         self._last_prune = 0.0
 
@@ -76,6 +78,7 @@ class Collector:
             self.stats.runs += 1
             written: list[reports.Report] = []
             try:
+                await self._sweep()
                 for start in await self.store.due_windows(self._clock(), self.grace):
                     began = time.monotonic()
                     row = await self.store.collect_window(
@@ -103,6 +106,22 @@ class Collector:
                 log.warning("collect_failed", error=self.stats.last_error, collector_id=self.collector_id)
                 raise
             return written
+
+    async def _sweep(self) -> None:
+        """Time out stale experiences (before collecting, so a window's SLIs include what timed out in it)."""
+        if self.window is None:
+            return
+        while True:
+            timed_out = await self.store.sweep_experiences(now=self._clock(), window=self.window,
+                                                           writers=self.writers)
+            for row in timed_out:
+                log.info("experience_timed_out", experience_id=row["experience_id"], urgency=row["urgency"],
+                         type=row["type"], collector_id=self.collector_id)
+            self.stats.timed_out += len(timed_out)
+            if timed_out and self._on_written is not None:
+                self._on_written()
+            if len(timed_out) < 1000:
+                return
 
     async def _prune_now_and_then(self) -> None:
         now = self._clock()

@@ -20,7 +20,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from aggregator import exceptions
+from aggregator import exceptions, experiences
 from aggregator import meters as meters_module
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -192,6 +192,7 @@ class Settings:
     billing_realm: str = "SaaS"
     billing_instance_id: str | None = None
     meter_dedup_horizon: float = 86400.0 * 2
+    urgencies: dict[str, float] = dataclasses.field(default_factory=lambda: dict(experiences.DEFAULT_URGENCIES))
 
     @classmethod
     def build(
@@ -211,6 +212,7 @@ class Settings:
         billing_realm: str = "SaaS",
         billing_instance_id: str | None = None,
         meter_dedup_horizon: str | float = "2d",
+        urgencies: Mapping[str, Any] | None = None,
     ) -> Settings:
         window_s = parse_window(window, key="window")
         flush_s = parse_duration(flush_interval, key="flush_interval")
@@ -239,11 +241,23 @@ class Settings:
             billing_instance_id=None if billing_instance_id is None else _bounded_text(
                 billing_instance_id, "billing_instance_id", 256),
             meter_dedup_horizon=_dedup_horizon(meter_dedup_horizon),
+            urgencies=experiences.urgencies(urgencies, lambda v, k: parse_duration(v, key=k)),
         )
 
     @property
     def window_seconds(self) -> int:
         return int(self.window)
+
+
+def _urgency_table(value: object, key: str) -> dict[str, Any]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise exceptions.ConfigError(f"{key} is not valid JSON; e.g. {{\"sync_fast\": \"10s\"}}") from None
+    if not isinstance(value, Mapping):
+        raise exceptions.ConfigError(f"{key} must be a table of NAME = \"lifetime\"")
+    return dict(value)
 
 
 def _bounded_text(value: object, key: str, limit: int) -> str:
@@ -288,17 +302,32 @@ def _listen(value: object, key: str) -> tuple[str, int]:
 
 
 def _tokens(value: object, key: str) -> tuple[str, ...]:
+    """Bearer tokens, each ``TOKEN`` (any use) or ``TOKEN:type1|type2`` (checkpoints of those types only)."""
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list | tuple) or not all(isinstance(t, str) for t in items):
         raise exceptions.ConfigError(f"{key} must be a list of strings (TOML) or comma-separated (environment)")
-    tokens = tuple(t.strip() for t in items if t.strip())
-    for index, token in enumerate(tokens):
+    entries = tuple(t.strip() for t in items if t.strip())
+    for index, (token, types) in enumerate(token_scopes(entries)):
         if len(token) < 16 or any(c.isspace() for c in token):
             # The value itself is a secret: name its position, never the token.
             raise exceptions.ConfigError(
                 f"{key}: token #{index + 1} is too weak; use at least 16 characters without spaces, "
                 "e.g. from `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`")
-    return tokens
+        if types is not None and (not types or not all(re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,63}", t) for t in types)):
+            raise exceptions.ConfigError(
+                f"{key}: token #{index + 1} limits itself to types {sorted(types)!r}; after ':' give type names "
+                "separated by '|', e.g. TOKEN:web|worker")
+    return entries
+
+
+def token_scopes(entries: tuple[str, ...]) -> list[tuple[str, frozenset[str] | None]]:
+    """Each token with the checkpoint types it is limited to (None: not limited)."""
+    out: list[tuple[str, frozenset[str] | None]] = []
+    for entry in entries:
+        token, colon, types = entry.rpartition(":")
+        out.append((token, frozenset(t.strip() for t in types.split("|") if t.strip())) if colon
+                   else (entry, None))
+    return out
 
 
 def _duration(value: object, key: str) -> float:
@@ -388,6 +417,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("billing_realm", "SaaS", lambda v, k: _text(v, k), "realm of billable usage events (e.g. SaaS, SM)"),
     Option("billing_instance_id", None, lambda v, k: _text(v, k), "instance_id of billable usage events; unset: none"),
     Option("meter_dedup_horizon", "2d", _duration, "how long a record's event_id is remembered (at least 1d)"),
+    Option("experience_urgencies", None, lambda v, k: _urgency_table(v, k),
+           "urgencies of experiences and their lifetimes: TOML table NAME = \"10s\"; unset: sync_fast 10s, "
+           "sync_slow 60s, async_fast 5m, async_low 1h"),
     Option("log_level", "info", _choice("debug", "info", "warning", "error"), "log level"),
     Option("log_format", "auto", _choice("auto", "json", "console"),
            "auto: JSON lines when not on a terminal (journald), readable on one"),
@@ -423,6 +455,7 @@ class DaemonSettings:
         out["pseudonym_key"] = "<set>" if effective.delivery.pseudonym_key else None
         out["writers"] = {name: _masked_table(table) for name, table in effective.delivery.writers}
         out["meters"] = {m.name: m.aggregation for m in effective.meters}
+        out["experience_urgencies"] = {name: f"{seconds:g}s" for name, seconds in effective.urgencies.items()}
         out["meter_dedup_horizon"] = f"{self.values['meter_dedup_horizon']:g}s"
         for key in ("outbox_backoff_initial", "outbox_backoff_max", "outbox_poll_interval", "outbox_drain_timeout",
                     "outbox_retention"):
@@ -470,6 +503,7 @@ def load_daemon_settings(flags: dict[str, Any], environ: Mapping[str, str] | Non
             retention=values["outbox_retention"]),
         meters=dict(values["meters"] or ()), billing_realm=values["billing_realm"],
         billing_instance_id=values["billing_instance_id"], meter_dedup_horizon=values["meter_dedup_horizon"],
+        urgencies=values["experience_urgencies"],
     )
     _check_writers(aggregator, sources["writers"])
     return DaemonSettings(values=values, sources=sources, aggregator=aggregator)
@@ -498,7 +532,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise exceptions.ConfigError(f"config file {path} cannot be read: {exc}") from exc
     section = dict(data.get("aggregator", data))  # keys at the top level or under [aggregator]
-    for tables in ("writers", "meters"):  # [writers.NAME] and [meters.NAME] tables beside [aggregator]
+    for tables in ("writers", "meters", "experience_urgencies"):  # tables beside [aggregator]
         if "aggregator" in data and tables in data:
             section[tables] = data[tables]
     unknown = sorted(set(section) - set(OPTIONS_BY_KEY))

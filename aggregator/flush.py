@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import structlog
 
-from aggregator import meters, store, tracker
+from aggregator import experiences, meters, store, tracker
 
 log = structlog.get_logger("aggregator.flush")
 
@@ -39,9 +39,11 @@ class Flusher:
     """Owns one replica's flush sequence and the ids it has already sent per window."""
 
     def __init__(self, tracker_: tracker.Tracker, store_: store.Store, *, replica_id: str,
-                 clock: Callable[[], float] = time.time, recorder: meters.Recorder | None = None) -> None:
+                 clock: Callable[[], float] = time.time, recorder: meters.Recorder | None = None,
+                 checkpoints: experiences.Pending | None = None) -> None:
         self.tracker = tracker_
         self.recorder = recorder
+        self.checkpoints = checkpoints
         self.store = store_
         self.replica_id = replica_id
         self.writer_id = uuid.uuid4()
@@ -56,7 +58,8 @@ class Flusher:
     @property
     def unflushed_events(self) -> int:
         """Events tracked but not yet durable: the unconfirmed batch plus what is pending."""
-        pending = self.tracker.pending_events() + (self.recorder.pending() if self.recorder else 0)
+        pending = (self.tracker.pending_events() + (self.recorder.pending() if self.recorder else 0)
+                   + (self.checkpoints.pending() if self.checkpoints else 0))
         return (self._unconfirmed.events if self._unconfirmed else 0) + pending
 
     async def flush(self) -> None:
@@ -69,6 +72,9 @@ class Flusher:
                 metered = self.recorder.take()
                 self._unconfirmed.meters = metered
                 self._unconfirmed.events += metered.records
+            if self.checkpoints is not None:
+                self._unconfirmed.checkpoints = self.checkpoints.take()
+                self._unconfirmed.events += len(self._unconfirmed.checkpoints)
             await self._apply()
 
     def _build(self, taken: dict[int, tracker.WindowData]
@@ -97,6 +103,7 @@ class Flusher:
             result = await self.store.apply_batch(
                 batch, writer_id=self.writer_id, replica_id=self.replica_id, window=self.tracker.window,
                 now=self._clock(), meter_defs=self.recorder.meters if self.recorder else None,
+                urgencies=self.checkpoints.urgencies if self.checkpoints else None,
             )
         except BaseException as exc:
             self.stats.failures += 1
@@ -121,7 +128,8 @@ class Flusher:
             new_ids=sum(len(w.workspaces) + len(w.users) for w in batch.windows.values()),
             duration_ms=round(duration * 1000, 2), replayed=not result.applied,
             late_windows=result.late_windows or None, late_target=result.late_target,
-            meter_overflow=result.overflowed or None, replica_id=self.replica_id,
+            meter_overflow=result.overflowed or None, checkpoints=len(batch.checkpoints) or None,
+            replica_id=self.replica_id,
         )
 
     def _confirm(self) -> None:

@@ -17,6 +17,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class Counters:
     events_accepted: int = 0
     records_accepted: int = 0
+    checkpoints_accepted: int = 0
     rejected: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
 
@@ -34,8 +35,10 @@ def render(status: dict[str, Any], counters: Counters, outbox: list[dict[str, An
            [("", counters.events_accepted)])
     metric("records_accepted_total", "counter", "Meter records accepted by POST /v1/record.",
            [("", counters.records_accepted)])
+    metric("checkpoints_accepted_total", "counter", "Checkpoints accepted by POST /v1/checkpoints.",
+           [("", counters.checkpoints_accepted)])
     metric("requests_rejected_total", "counter", "API requests rejected, by reason.",
-           [(f'{{reason="{r}"}}', counters.rejected[r]) for r in ("unauthorized", "invalid", "too_large")])
+           [(f'{{reason="{r}"}}', counters.rejected[r]) for r in ("unauthorized", "forbidden", "invalid", "too_large")])
     metric("unflushed_events", "gauge", "Events tracked in this replica and not yet durable.",
            [("", status.get("unflushed_events", status["pending_events"]))])
     flush = status.get("flush")
@@ -57,6 +60,8 @@ def render(status: dict[str, Any], counters: Counters, outbox: list[dict[str, An
         metric("reports_written_total", "counter", "Reports written by this replica.",
                [("", collector.reports_written)])
         metric("collector_failures_total", "counter", "Collector runs that failed.", [("", collector.failures)])
+        metric("experiences_timed_out_total", "counter", "Experiences this replica timed out as failures.",
+               [("", collector.timed_out)])
     delivery = status.get("delivery")
     if delivery:
         for name, help_, field in (

@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from aggregator import billing, config, exceptions, privacy, store
+from aggregator import billing, config, exceptions, experiences, privacy, store
 from aggregator.store.outbox import Settlement
 from aggregator.writers import Envelope, Outcome, Writer
 
@@ -51,7 +51,8 @@ class WriterStats:
 
 def sent_kinds(settings: config.Settings) -> list[str]:
     """The kinds of items this configuration queues for its writers."""
-    return ["usage_report"] + ([billing.KIND] if any(m.billable for m in settings.meters) else [])
+    kinds = ["usage_report", experiences.FAILURE_KIND, experiences.SLI_KIND]
+    return kinds + ([billing.KIND] if any(m.billable for m in settings.meters) else [])
 
 
 class Deliverer:

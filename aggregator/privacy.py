@@ -23,6 +23,8 @@ IDENTIFIER_FIELDS: dict[str, tuple[str, ...]] = {
     "usage_report": ("generated_by",),
     # Billable usage events: the instance, project, namespace and subject billed, and the other dimensions.
     "billable_usage": ("instance_id", "project_id", "namespace_id", "subject", "metadata.dimensions.*"),
+    # A timed-out experience: the journey's correlation id (the service's logs may tie it to a user).
+    "experience_failure": ("correlation_id",),
 }
 MIN_KEY_BYTES = 16
 # Identifiers to hash, as a tree of keys: None marks a value to hash whole.

@@ -14,7 +14,6 @@ import dataclasses
 import datetime as dt
 import functools
 import os
-import signal
 import threading
 import time
 import weakref
@@ -24,7 +23,7 @@ from typing import Any, TypeVar
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from aggregator import collector, config, exceptions, flush, migrate, store, tracker
+from aggregator import beyond, collector, config, exceptions, experiences, flush, migrate, signals, store, tracker
 from aggregator import meters as meters_module
 from aggregator import outbox as outbox_module
 from aggregator import writers as writers_module
@@ -35,12 +34,11 @@ from aggregator.reports import Report
 log = structlog.get_logger("aggregator")
 T = TypeVar("T")
 
-_sigterm_installed = False
 DRAIN_INTERVAL = 0.2  # seconds
 DRAIN_EAGER = 20_000  # calls folded at once above which the next drain follows immediately
 
 
-class Aggregator:
+class Aggregator(beyond.MetersAndExperiences):
     """Usage aggregation for one replica (process). See the README for the full contract."""
 
     def __init__(
@@ -67,6 +65,7 @@ class Aggregator:
         billing_realm: str = "SaaS",
         billing_instance_id: str | None = None,
         meter_dedup_horizon: str | float = "2d",
+        urgencies: Mapping[str, Any] | None = None,
     ) -> None:
         # writers: tables as in the daemon's [writers.NAME] config, or Writer objects (custom writers).
         # outbox: the retry knobs (max_attempts, backoff_initial, backoff_max, poll_interval, drain_timeout,
@@ -80,7 +79,7 @@ class Aggregator:
             database_url=database_url, replica_id=replica_id, window=window, flush_interval=flush_interval,
             grace=grace, collect=collect, collect_interval=collect_interval, stop_timeout=stop_timeout,
             id_retention=id_retention, delivery=delivery, meters=meters, billing_realm=billing_realm,
-            billing_instance_id=billing_instance_id, meter_dedup_horizon=meter_dedup_horizon,
+            billing_instance_id=billing_instance_id, meter_dedup_horizon=meter_dedup_horizon, urgencies=urgencies,
         )
         # Built now, so a bad writer table fails here rather than at start().
         self._writers = instances or [writers_module.build(name, table) for name, table in delivery.writers]
@@ -91,6 +90,7 @@ class Aggregator:
         self._on_collector_locked = on_collector_locked
         self._tracker = tracker.Tracker(self.settings.window_seconds, clock)
         self._recorder = meters_module.Recorder(self.settings.meters, self.settings.window_seconds, clock)
+        self._checkpoints = experiences.Pending(self.settings.urgencies, clock)
         self._state = "new"  # new → running → stopped
         self._mode: str | None = None  # "thread" (own loop) or "async" (host's loop)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -116,7 +116,8 @@ class Aggregator:
                    flush_interval=s.flush_interval, grace=s.grace, collect=s.collect,
                    collect_interval=s.collect_interval, stop_timeout=s.stop_timeout, id_retention=s.id_retention,
                    delivery=s.delivery, meters=s.meters, billing_realm=s.billing_realm,
-                   billing_instance_id=s.billing_instance_id, meter_dedup_horizon=s.meter_dedup_horizon, **kwargs)
+                   billing_instance_id=s.billing_instance_id, meter_dedup_horizon=s.meter_dedup_horizon,
+                   urgencies=s.urgencies, **kwargs)
 
     # ---- the hot path ----------------------------------------------------------------------
 
@@ -130,41 +131,6 @@ class Aggregator:
         this definition documents it.)
         """
         self._tracker.track(workspace_id, user_id, allowed, denied, at)
-
-    def record(self, meter: str, value: object = None, dimensions: Mapping[str, object] | None = None, *,
-               event_id: object = None, at: object = None) -> None:
-        """Record one observation of a declared meter; never blocks on I/O.
-
-        ``value``: a sum meter's amount (exact to the meter's decimals), a distinct meter's item; omitted
-        for a count meter. ``dimensions``: exactly the meter's dimensions. ``event_id``: a record with an
-        id already recorded for this meter (within meter_dedup_horizon, on any replica) is ignored.
-        Bad input raises InvalidInput/InvalidType and records nothing.
-        """
-        self._recorder.record(meter, value, dimensions, event_id, at)
-
-    def record_many(self, records: Iterable[Mapping[str, Any]]) -> int:
-        """Several records (dicts of record()'s arguments: meter, value, dimensions, event_id, at), all or none."""
-        return self._recorder.record_many(records)
-
-    def meters(self) -> list[meters_module.Meter]:
-        """The built-in meters (track()) and the declared ones."""
-        return [*meters_module.BUILTIN, *self.settings.meters]
-
-    def meter_results(self, since: Any = None, meter: str | None = None) -> list[meters_module.Result]:
-        """Per-window meter results of reported windows (with window_start >= ``since``), oldest first."""
-        defs = {m.name: m for m in self.settings.meters}
-
-        async def read() -> list[meters_module.Result]:
-            db = self._store if self._store is not None else store.Store(self.settings.database_url, pool_size=1)
-            try:
-                rows = await db.meter_results(since=_since_epoch(since), meter=meter)
-            finally:
-                if db is not self._store:
-                    await db.close()
-            return [meters_module.Result.from_row(row, defs.get(row["meter"]), self.settings.window_seconds)
-                    for row in rows]
-
-        return self._call(read) if self._state == "running" else asyncio.run(read())
 
     @property
     def replica_id(self) -> str:
@@ -195,7 +161,7 @@ class Aggregator:
             self._loop, self._thread, self._mode, self._state = loop, thread, "thread", "running"
             atexit.register(self._at_exit)
             if self._handle_sigterm:
-                _install_sigterm_handler()
+                signals.install_sigterm_handler()
         return self
 
     def stop(self) -> None:
@@ -204,13 +170,15 @@ class Aggregator:
         Raises StoreUnavailable if the final flush could not be made durable within ``stop_timeout``
         (the events are then lost, and the error says how many).
         """
-        if self._state == "new" and (self._tracker.pending_events() or self._recorder.pending()):
+        if self._state == "new" and (self._tracker.pending_events() or self._recorder.pending()
+                                     or self._checkpoints.pending()):
             self.start()  # what was tracked before start() must not be lost either
         with self._lifecycle:
             if self._state != "running":
                 self._state = "stopped"
                 self._tracker.close()
                 self._recorder.close()
+                self._checkpoints.close()
                 self._tracker.finish()
                 return
             if self._mode == "async":
@@ -265,12 +233,14 @@ class Aggregator:
         return self
 
     async def astop(self) -> None:
-        if self._state == "new" and (self._tracker.pending_events() or self._recorder.pending()):
+        if self._state == "new" and (self._tracker.pending_events() or self._recorder.pending()
+                                     or self._checkpoints.pending()):
             await self.astart()
         if self._state != "running":
             self._state = "stopped"
             self._tracker.close()
             self._recorder.close()
+            self._checkpoints.close()
             self._tracker.finish()
             return
         if self._mode == "thread":
@@ -327,20 +297,6 @@ class Aggregator:
             out["delivery"] = self._deliverer.stats
         return out
 
-    async def aoutbox(self) -> list[dict[str, Any]]:
-        """The outbox per writer and status: item counts and the oldest item's creation time."""
-        self._require_running()
-        db = self._store
-        assert db is not None
-        return await self._on_own_loop(db.outbox_summary)
-
-    async def aoverflow(self) -> list[dict[str, Any]]:
-        """Per meter: records that went to its __overflow__ group, over the windows the database keeps."""
-        self._require_running()
-        db = self._store
-        assert db is not None
-        return await self._on_own_loop(db.meter_overflow)
-
     # ---- inside the loop ----------------------------------------------------------------------
 
     async def _open(self) -> None:
@@ -360,7 +316,7 @@ class Aggregator:
             raise
         self._store = db
         self._flusher = flush.Flusher(self._tracker, db, replica_id=s.replica_id, clock=self._clock,
-                                      recorder=self._recorder)
+                                      recorder=self._recorder, checkpoints=self._checkpoints)
         scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop())
         scheduler.add_job(self._scheduled_flush, "interval", seconds=s.flush_interval, id="flush",
                           max_instances=1, coalesce=True, misfire_grace_time=None)
@@ -371,7 +327,7 @@ class Aggregator:
                 on_locked=self._on_collector_locked, writers=[w.name for w in self._writers],
                 on_written=self._deliverer.wake if self._deliverer else None, outbox_retention=d.retention,
                 meter_defs=s.meters, billing=collector.Billing(s.billing_realm, s.billing_instance_id),
-                dedup_horizon=s.meter_dedup_horizon,
+                dedup_horizon=s.meter_dedup_horizon, window=s.window_seconds,
             )
             scheduler.add_job(self._scheduled_collect, "interval", seconds=s.collect_interval, id="collect",
                               jitter=s.collect_interval / 2, max_instances=1, coalesce=True,
@@ -392,6 +348,7 @@ class Aggregator:
         assert self._store is not None and self._flusher is not None
         self._tracker.close()
         self._recorder.close()
+        self._checkpoints.close()
         self._state = "stopping"
         if self._drainer is not None:
             self._drainer.cancel()  # a fold in progress finishes in its thread; take() waits for it
@@ -521,6 +478,7 @@ class Aggregator:
         was_running_thread = self._state == "running" and self._mode == "thread"
         self._tracker.reset_after_fork()
         self._recorder.reset_after_fork()
+        self._checkpoints.reset_after_fork()
         self._lifecycle = threading.Lock()
         if self._auto_replica_id:
             self.settings = _replace_replica_id(self.settings, config.new_replica_id())
@@ -562,22 +520,3 @@ def _since_epoch(since: Any) -> int | None:
     if since is None:
         return None
     return int(tracker.moment(since))
-
-
-def _install_sigterm_handler() -> None:
-    """Turn SIGTERM into SystemExit so atexit runs stop() and nothing tracked is lost.
-
-    Only when SIGTERM still has its default action (which kills without cleanup) and we are on the
-    main thread; a host that handles SIGTERM itself keeps its handler.
-    """
-    global _sigterm_installed
-    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    _sigterm_installed = True
-
-
-def _on_sigterm(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)

@@ -206,3 +206,59 @@ billable_events = sa.Table(
     sa.Column("report_id", sa.BigInteger, sa.ForeignKey("reports.id"), nullable=False),
     sa.Column("payload", sa.Text, nullable=False),  # the event as JSON, identifiers raw
 )
+
+# ---- experiences (#7) -----------------------------------------------------------------------------
+# One row per experience (journey), from its first checkpoint on. ``start_window`` and ``outcome_window``
+# place it in the SLIs of the windows where it started and where it ended (or timed out).
+experiences = sa.Table(
+    "experiences",
+    metadata,
+    sa.Column("correlation_id", sa.String(26), primary_key=True),
+    sa.Column("experience_id", sa.String(64), nullable=False),
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("feature_category", sa.String(64), nullable=False),
+    sa.Column("urgency", sa.String(32), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # open | succeeded | failed | timed_out
+    sa.Column("first_seen_at", sa.Float, nullable=False),  # server time of its first checkpoint
+    sa.Column("deadline", sa.Float, nullable=True),  # open: when it times out
+    sa.Column("started_at", sa.Float, nullable=True),  # client time of the start
+    sa.Column("ended_at", sa.Float, nullable=True),  # client time of the end
+    sa.Column("start_window", sa.BigInteger, nullable=True, index=True),
+    sa.Column("outcome_window", sa.BigInteger, nullable=True, index=True),
+    sa.Column("unknown_start", sa.Boolean, nullable=False, server_default=sa.false()),  # seen before its start
+    sa.Column("late_end", sa.Boolean, nullable=False, server_default=sa.false()),  # ended after timing out
+    sa.CheckConstraint("status IN ('open', 'succeeded', 'failed', 'timed_out')", name="status"),
+)
+sa.Index("ix_experiences_due", experiences.c.status, experiences.c.deadline)
+
+# Every distinct checkpoint received: a client's retry of the same one is recognised here and ignored.
+experience_checkpoints = sa.Table(
+    "experience_checkpoints",
+    metadata,
+    sa.Column("correlation_id", sa.String(26), primary_key=True),
+    sa.Column("checkpoint", sa.String(16), primary_key=True),
+    sa.Column("checkpoint_category", sa.String(64), primary_key=True),
+    sa.Column("client_timestamp", sa.Float, primary_key=True),
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False, index=True),
+    sa.Column("outcome", sa.String(16), nullable=True),
+    sa.Column("meta", sa.Text, nullable=True),
+)
+
+# SLIs per window, experience and urgency, written with the window's report.
+experience_slis = sa.Table(
+    "experience_slis",
+    metadata,
+    sa.Column("window_start", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("experience_id", sa.String(64), primary_key=True),
+    sa.Column("urgency", sa.String(32), primary_key=True),
+    sa.Column("report_id", sa.BigInteger, sa.ForeignKey("reports.id"), nullable=False),
+    sa.Column("started", sa.BigInteger, nullable=False),
+    sa.Column("succeeded", sa.BigInteger, nullable=False),
+    sa.Column("failed", sa.BigInteger, nullable=False),
+    sa.Column("timed_out", sa.BigInteger, nullable=False),
+    sa.Column("completed", sa.BigInteger, nullable=False),
+    sa.Column("duration_p50_s", sa.Float, nullable=True),
+    sa.Column("duration_p90_s", sa.Float, nullable=True),
+    sa.Column("duration_p99_s", sa.Float, nullable=True),
+)

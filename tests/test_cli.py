@@ -157,3 +157,23 @@ def test_meters_and_billable_export_commands(database_url: str, tmp_path: Path) 
     (path,) = (tmp_path / "out").iterdir()
     (event,) = csv.DictReader(io.StringIO(path.read_text()))
     assert (event["quantity"], event["unit_of_measure"], len(event["project_id"])) == ("12.7", "seconds", 64)
+
+
+def test_experiences_command_prints_the_slis(database_url: str) -> None:
+    """`aggregator experiences --format json` prints each window's SLIs per experience and urgency."""
+    from aggregator.client import new_correlation_id
+
+    clock = FakeClock()
+    journey = new_correlation_id()
+    fields = {"type": "web", "feature_category": "ci", "urgency": "sync_fast"}
+    with manual(database_url, clock) as agg:
+        agg.checkpoint(journey, "http_request", "start", client_timestamp="2027-01-15T08:00:01Z", **fields)
+        agg.checkpoint(journey, "http_request", "end", client_timestamp="2027-01-15T08:00:03.5Z", **fields)
+        agg.flush()
+        clock.past_window(T0)
+        agg.collect()
+    shown = aggregator("experiences", "--format", "json", "--database-url", database_url)
+    assert shown.returncode == 0, shown.stderr
+    (row,) = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert (row["experience_id"], row["started"], row["succeeded"], row["duration_p50_s"]) == (
+        "http_request", 1, 1, 2.5)

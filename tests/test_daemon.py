@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -32,8 +33,8 @@ def free_port() -> int:
 class Daemon:
     """A running `aggregator run` with a fake systemd notify socket."""
 
-    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.notify_path = tmp_path / f"notify-{uuid.uuid4().hex[:8]}"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -223,3 +224,47 @@ def test_run_delivers_reports_to_jsonl_and_snowplow_with_pseudonyms(tmp_path: Pa
         assert {line["data"]["generated_by"] for line in lines} <= {e["data"]["generated_by"] for e in collector.good}
         assert all(len(line["data"]["generated_by"]) == 64 for line in lines)
         assert key not in daemon.output()
+
+
+def test_the_client_delivers_each_checkpoint_once_across_a_server_outage(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """aggregator.client sends while the daemon is down (connection refused, retried with backoff), then up;
+    checkpoints sent twice count once: every journey is stored once, and the caller never waited."""
+    import asyncio
+
+    from aggregator import store
+    from aggregator.client import Client, new_correlation_id
+
+    port = free_port()
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    journeys = [new_correlation_id() for _ in range(25)]
+    fields = {"experience_id": "http_request", "type": "web", "feature_category": "ci", "urgency": "sync_slow"}
+    with Client(f"http://127.0.0.1:{port}", TOKEN, flush_interval=0.1, backoff_initial=0.1,
+                backoff_max=0.5) as client:
+        began = time.monotonic()
+        for journey in journeys:
+            stamp = dt.datetime.now(dt.timezone.utc)
+            for _ in range(2):  # a service that retries on its own: the same checkpoints twice
+                client.checkpoint(journey, checkpoint="start", client_timestamp=stamp, **fields)
+                client.checkpoint(journey, checkpoint="end", client_timestamp=stamp + dt.timedelta(seconds=1),
+                                  **fields)
+        assert time.monotonic() - began < 1.0
+        time.sleep(1.0)  # nothing listens yet: the client retries
+        assert client.stats.retries >= 1 and client.stats.sent == 0
+        daemon = Daemon(tmp_path, "--database-url", url, "--flush-interval", "0.2s", port=port,
+                        env={"AGGREGATOR_API_TOKENS": TOKEN})
+        daemons.append(daemon)
+        daemon.wait_for("READY=1")
+        assert client.flush(timeout=30)
+        assert (client.stats.sent, client.stats.lost, client.stats.rejected) == (100, 0, 0)
+    assert daemon.stop() == 0, daemon.output()
+
+    async def stored() -> list[dict]:
+        db = store.Store(url)
+        try:
+            return [await db.experience(j) for j in journeys]
+        finally:
+            await db.close()
+
+    rows = asyncio.run(stored())
+    assert [r["status"] if r else None for r in rows] == ["succeeded"] * 25
+    assert all(r["ended_at"] - r["started_at"] == 1.0 for r in rows if r)

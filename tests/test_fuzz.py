@@ -100,8 +100,8 @@ def test_fuzzing_the_openapi_document_gets_no_server_error(daemon: Daemon) -> No
     # An explicit default config: a schemathesis.toml lying around must not change what is generated.
     schema = schemathesis.openapi.from_url(f"{daemon.url}/openapi.json", config=schemathesis.Config(), timeout=10)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {"POST /v1/track", "POST /v1/record", "GET /v1/reports", "GET /healthz", "GET /metrics"} == {
-        o.label for o in operations}
+    assert {"POST /v1/track", "POST /v1/record", "POST /v1/checkpoints", "GET /v1/reports", "GET /healthz",
+            "GET /metrics"} == {o.label for o in operations}
     statuses: Statuses = collections.Counter()
     began = time.monotonic()
     with requests.Session() as session:
@@ -116,6 +116,7 @@ def test_fuzzing_the_openapi_document_gets_no_server_error(daemon: Daemon) -> No
     assert statuses["POST /v1/track", "negative", True, 422] > 0, summary
     assert statuses["GET /v1/reports", "positive", True, 200] > 0, summary
     assert statuses["POST /v1/record", "negative", True, 422] > 0, summary
+    assert statuses["POST /v1/checkpoints", "negative", True, 422] > 0, summary
     assert statuses["GET /v1/reports", "negative", True, 422] > 0, summary
     assert statuses["POST /v1/track", "positive", False, 401] > 0, summary
     assert not any(status >= 500 for *_, status in statuses), summary

@@ -106,7 +106,7 @@ def test_flush_and_collect_need_a_started_aggregator(agg: Aggregator) -> None:
 
 def test_public_names_are_exactly_these() -> None:
     assert sorted(aggregator.__all__) == [
-        "Aggregator", "AggregatorError", "ConfigError", "InvalidInput", "InvalidType", "NotRunning",
+        "Aggregator", "AggregatorError", "ConfigError", "InvalidInput", "InvalidType", "Meter", "NotRunning",
         "Report", "SchemaOutdated", "StoreError", "StoreUnavailable",
     ]
 

@@ -209,15 +209,16 @@ async def test_a_lease_left_by_a_dead_deliverer_expires_and_another_delivers(dat
 
 def test_writers_without_a_key_refuse_to_start_unless_the_field_is_allowlisted(database_url: str,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """No pseudonym key: a writer would send generated_by in clear, so start() refuses and names the fix;
-    with generated_by on the allowlist it starts and sends the collector id as it is."""
+    """No pseudonym key: a writer would send generated_by (and a timed-out journey's correlation_id) in clear,
+    so start() refuses and names the fix; with them on the allowlist it starts and sends the collector id as
+    it is."""
     monkeypatch.delenv("AGGREGATOR_PSEUDONYM_KEY", raising=False)
     agg = manual(database_url, FakeClock(), writers=[Scripted()])
-    with pytest.raises(ConfigError, match="generated_by.*AGGREGATOR_PSEUDONYM_KEY.*pseudonym_allowlist"):
+    with pytest.raises(ConfigError, match="correlation_id, generated_by.*AGGREGATOR_PSEUDONYM_KEY.*allowlist"):
         agg.start()
     clock = FakeClock()
     sink = Scripted()
-    agg = manual(database_url, clock, writers=[sink], pseudonym_allowlist=["generated_by"]).start()
+    agg = manual(database_url, clock, writers=[sink], pseudonym_allowlist=["generated_by", "correlation_id"]).start()
     try:
         agg.track(ids(1)[0], ids(1)[0])
         agg.flush()

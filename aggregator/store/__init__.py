@@ -28,7 +28,10 @@ import structlog
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from aggregator import config, exceptions, meters, schema
+from aggregator import config, exceptions, schema
+from aggregator import experiences as journeys  # not .experiences below: that name is our submodule
+from aggregator import meters as metering  # likewise
+from aggregator.store.experiences import ExperienceQueries
 from aggregator.store.meters import MeterQueries
 from aggregator.store.outbox import OutboxQueries
 
@@ -79,7 +82,8 @@ class Batch:
     seq: int
     windows: dict[int, BatchWindow]
     events: int
-    meters: meters.MeterBatch | None = None  # record()s of declared meters
+    meters: metering.MeterBatch | None = None  # record()s of declared meters
+    checkpoints: list[journeys.Checkpoint] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(slots=True)
@@ -88,6 +92,7 @@ class BatchResult:
     late_windows: list[int]  # windows of the batch that were already reported
     late_target: int | None  # the open window the late data was counted in
     overflowed: int = 0  # meter records that went to an __overflow__ group
+    checkpoints: int = 0  # checkpoints applied (retries of applied ones not counted)
 
 
 @contextlib.contextmanager
@@ -121,7 +126,7 @@ def _scrub(message: str, password: str | None) -> str:
     return message.replace(password, "***") if password else message
 
 
-class Store(OutboxQueries, MeterQueries):
+class Store(OutboxQueries, MeterQueries, ExperienceQueries):
     """The database behind one Aggregator: an async engine and the statements it runs."""
 
     def __init__(self, url: str, *, pool_size: int = 5) -> None:
@@ -192,18 +197,20 @@ class Store(OutboxQueries, MeterQueries):
     # ---- flush -------------------------------------------------------------------------------
 
     async def apply_batch(self, batch: Batch, *, writer_id: uuid.UUID, replica_id: str, window: int,
-                          now: float, meter_defs: Mapping[str, meters.Meter] | None = None) -> BatchResult:
+                          now: float, meter_defs: Mapping[str, metering.Meter] | None = None,
+                          urgencies: Mapping[str, float] | None = None) -> BatchResult:
         """Apply one flush batch exactly once (see the module docstring)."""
         result = BatchResult(applied=False, late_windows=[], late_target=None)
         current = int(now // window) * window
         metered = batch.meters if batch.meters is not None and batch.meters.records else None
         meter_starts = set() if metered is None else (
             {start for start, _, _ in metered.groups} | {r.window_start for r in metered.identified.values()})
+        checkpoint_starts = {journeys.window_of(c.received_at, window) for c in batch.checkpoints}
         async with self.transaction() as conn:
             last_seq = await self._lock_sequence(conn, writer_id, replica_id, now)
             if last_seq >= batch.seq:
                 return result
-            starts = sorted(set(batch.windows) | meter_starts | {current})
+            starts = sorted(set(batch.windows) | meter_starts | checkpoint_starts | {current})
             closed = await self._share_windows(conn, starts, window)
             for start in sorted(batch.windows):
                 part = batch.windows[start]
@@ -226,15 +233,20 @@ class Store(OutboxQueries, MeterQueries):
                                              late_allowed=part.allowed, late_denied=part.denied,
                                              late_workspaces=new_workspaces, late_users=new_users)
                 result.late_windows.append(start)
-            if metered is not None:
-                async def late_target() -> int:
-                    if result.late_target is None:
-                        result.late_target = await self._open_window_from(conn, current, window, closed)
-                    return result.late_target
 
+            async def late_target() -> int:
+                if result.late_target is None:
+                    result.late_target = await self._open_window_from(conn, current, window, closed)
+                return result.late_target
+
+            if metered is not None:
                 result.overflowed = await self._apply_meters(conn, metered, meter_defs or {}, closed=closed,
                                                              late_target=late_target, now=now)
                 result.late_windows.extend(sorted(meter_starts & closed - set(result.late_windows)))
+            if batch.checkpoints:
+                result.checkpoints = await self._apply_checkpoints(
+                    conn, batch.checkpoints, urgencies or journeys.DEFAULT_URGENCIES, window=window, closed=closed,
+                    late_target=late_target)
             await conn.execute(
                 sa.update(schema.flush_sequences)
                 .where(schema.flush_sequences.c.writer_id == writer_id)
@@ -334,7 +346,7 @@ class Store(OutboxQueries, MeterQueries):
             return [start for (start,) in rows]
 
     async def collect_window(self, start: int, *, collector_id: str, now: float, on_locked: Any = None,
-                             writers: Sequence[str] = (), meter_defs: Mapping[str, meters.Meter] | None = None,
+                             writers: Sequence[str] = (), meter_defs: Mapping[str, metering.Meter] | None = None,
                              billing: Any = None) -> dict[str, Any] | None:
         """Write the report of window ``start`` and close it, if nobody has; returns the report row.
 
@@ -366,6 +378,7 @@ class Store(OutboxQueries, MeterQueries):
             )
             await self._enqueue_report(conn, report, writers, now)
             report["meters"] = await self._collect_meters(conn, report, meter_defs or {}, billing, writers, now)
+            report["experiences"] = await self._collect_slis(conn, report, writers, now)
         return report
 
     async def _aggregate(self, conn: AsyncConnection, start: int, end: int) -> dict[str, Any]:
@@ -415,6 +428,7 @@ class Store(OutboxQueries, MeterQueries):
             await conn.execute(sa.delete(schema.contributions).where(schema.contributions.c.window_start.in_(old)))
             await conn.execute(sa.delete(schema.flush_sequences).where(schema.flush_sequences.c.updated_at < before))
             await self.prune_meters(conn, old, event_ids_before=event_ids_before or before)
+            await self.prune_experiences(conn, before=before)
         return int(deleted or 0)
 
     # ---- read --------------------------------------------------------------------------------
