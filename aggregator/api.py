@@ -151,6 +151,22 @@ def build_app(agg: Aggregator, settings: config.DaemonSettings, counters: metric
             raise HTTPException(403, "this token may only send checkpoints (of types "
                                      f"{', '.join(sorted(types))})")
 
+    async def items(request: Request, adapter: TypeAdapter[Any], name: str) -> list[Any]:
+        """The body's list ``name``, validated (422 naming each bad field) and within max_events_per_request."""
+        body = await _read_limited(request, limit, counters)
+        try:
+            found: list[Any] = getattr(adapter.validate_json(body), name)
+        except ValidationError as exc:
+            counters.rejected["invalid"] += 1
+            errors = [_describe(e) for e in exc.errors(include_url=False, include_input=False)]
+            raise HTTPException(422, {"detail": "; ".join(f"{e['loc']}: {e['message']}" for e in errors),
+                                      "errors": errors}) from None
+        if len(found) > settings.max_events_per_request:
+            counters.rejected["invalid"] += 1
+            raise HTTPException(422, f"{name}: {len(found)} items, at most {settings.max_events_per_request} "
+                                     "per request (max_events_per_request)")
+        return found
+
     @app.post("/v1/track", status_code=202, response_model=Accepted, responses=_PROBLEMS | {
         413: {"model": Problem, "description": "body larger than max_body_bytes"}},
         dependencies=[Depends(authorized)],
@@ -158,19 +174,7 @@ def build_app(agg: Aggregator, settings: config.DaemonSettings, counters: metric
             "schema": {"$ref": "#/components/schemas/TrackBatch"}}}}})
     async def track(request: Request) -> Accepted:
         """Count a batch of events; all or nothing."""
-        body = await _read_limited(request, limit, counters)
-        try:
-            batch = _BATCH.validate_json(body)
-        except ValidationError as exc:
-            counters.rejected["invalid"] += 1
-            errors = [_describe(e) for e in exc.errors(include_url=False, include_input=False)]
-            raise HTTPException(422, {"detail": "; ".join(f"{e['loc']}: {e['message']}" for e in errors),
-                                      "errors": errors}) from None
-        events = batch.events
-        if len(events) > settings.max_events_per_request:
-            counters.rejected["invalid"] += 1
-            raise HTTPException(422, f"events: {len(events)} events, at most {settings.max_events_per_request} "
-                                     "per request (max_events_per_request)")
+        events: list[Event] = await items(request, _BATCH, "events")
         moments = _check_times(events, settings, counters)
         for event, moment in zip(events, moments, strict=True):
             agg.track(event.workspace_id, event.user_id, event.allowed, event.denied, at=moment)
@@ -184,19 +188,7 @@ def build_app(agg: Aggregator, settings: config.DaemonSettings, counters: metric
             "schema": {"$ref": "#/components/schemas/RecordBatch"}}}}})
     async def record(request: Request) -> Accepted:
         """Record a batch of meter records; all or nothing. A retried record with an event_id counts once."""
-        body = await _read_limited(request, limit, counters)
-        try:
-            batch = _RECORDS.validate_json(body)
-        except ValidationError as exc:
-            counters.rejected["invalid"] += 1
-            errors = [_describe(e) for e in exc.errors(include_url=False, include_input=False)]
-            raise HTTPException(422, {"detail": "; ".join(f"{e['loc']}: {e['message']}" for e in errors),
-                                      "errors": errors}) from None
-        records = batch.records
-        if len(records) > settings.max_events_per_request:
-            counters.rejected["invalid"] += 1
-            raise HTTPException(422, f"records: {len(records)} records, at most {settings.max_events_per_request} "
-                                     "per request (max_events_per_request)")
+        records: list[MeterRecord] = await items(request, _RECORDS, "records")
         moments = _check_times(records, settings, counters, "records")
         try:
             agg.record_many([{"meter": r.meter, "value": r.value, "dimensions": r.dimensions, "event_id": r.event_id,
@@ -215,32 +207,20 @@ def build_app(agg: Aggregator, settings: config.DaemonSettings, counters: metric
     async def checkpoints(request: Request,
                           types: frozenset[str] | None = Depends(scope)) -> CheckpointsAccepted:  # noqa: B008
         """Report checkpoints of experiences; all or nothing. A retried checkpoint changes nothing."""
-        body = await _read_limited(request, limit, counters)
-        try:
-            batch = _CHECKPOINTS.validate_json(body)
-        except ValidationError as exc:
-            counters.rejected["invalid"] += 1
-            errors = [_describe(e) for e in exc.errors(include_url=False, include_input=False)]
-            raise HTTPException(422, {"detail": "; ".join(f"{e['loc']}: {e['message']}" for e in errors),
-                                      "errors": errors}) from None
-        items = batch.checkpoints
-        if len(items) > settings.max_events_per_request:
-            counters.rejected["invalid"] += 1
-            raise HTTPException(422, f"checkpoints: {len(items)} checkpoints, at most "
-                                     f"{settings.max_events_per_request} per request (max_events_per_request)")
+        found: list[CheckpointIn] = await items(request, _CHECKPOINTS, "checkpoints")
         if types is not None:
-            refused = sorted({c.type for c in items} - types)
+            refused = sorted({c.type for c in found} - types)
             if refused:
                 counters.rejected["forbidden"] += 1
                 raise HTTPException(403, f"this token may not send checkpoints of type(s) {', '.join(refused)}; "
                                          f"it is limited to {', '.join(sorted(types))}")
         try:
-            accepted_at = agg.checkpoint_many([c.model_dump(exclude_none=True, mode="json") for c in items])
+            accepted_at = agg.checkpoint_many([c.model_dump(exclude_none=True, mode="json") for c in found])
         except exceptions.InvalidInput as exc:
             counters.rejected["invalid"] += 1
             raise HTTPException(422, str(exc)) from None
-        counters.checkpoints_accepted += len(items)
-        return CheckpointsAccepted(accepted=len(items), server_timestamp=_utc(accepted_at))
+        counters.checkpoints_accepted += len(found)
+        return CheckpointsAccepted(accepted=len(found), server_timestamp=_utc(accepted_at))
 
     @app.get("/v1/reports", response_model=ReportPage, responses=_PROBLEMS, dependencies=[Depends(authorized)])
     async def pull(after: Annotated[str, Query(pattern=r"^[0-9]{1,18}$",

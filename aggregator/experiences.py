@@ -27,6 +27,8 @@ OUTCOMES = ("success", "failure")
 DEFAULT_URGENCIES: dict[str, float] = {"sync_fast": 10.0, "sync_slow": 60.0, "async_fast": 300.0,
                                        "async_low": 3600.0}
 MAX_META_BYTES = 4096
+MAX_CATEGORIES = 100  # distinct checkpoint_category values kept per experience_id; more are stored as OTHER
+OTHER = "__other__"
 FAILURE_KIND = "experience_failure"
 FAILURE_SCHEMA = "iglu:dev.aggregator/experience_failure/jsonschema/1-0-0"
 SLI_KIND = "experience_sli"

@@ -245,6 +245,14 @@ experience_checkpoints = sa.Table(
     sa.Column("meta", sa.Text, nullable=True),
 )
 
+# The checkpoint categories seen per experience, to bound them: beyond the cap they are stored as __other__.
+experience_categories = sa.Table(
+    "experience_categories",
+    metadata,
+    sa.Column("experience_id", sa.String(64), primary_key=True),
+    sa.Column("checkpoint_category", sa.String(64), primary_key=True),
+)
+
 # SLIs per window, experience and urgency, written with the window's report.
 experience_slis = sa.Table(
     "experience_slis",

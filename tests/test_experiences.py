@@ -9,8 +9,9 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
-from aggregator import Aggregator, InvalidInput, api, config, metrics, store
+from aggregator import Aggregator, InvalidInput, api, config, metrics, schema, store
 from aggregator.client import new_correlation_id
 from tests.helpers import T0, WINDOW, FakeClock, manual
 from tests.test_outbox import KEY, Scripted, wait_for
@@ -222,3 +223,25 @@ def test_failure_and_sli_events_reach_a_validating_snowplow_collector(database_u
         assert collector.invalid == []
         (sli,) = [e["data"] for e in collector.good if e["schema"].endswith("experience_sli/jsonschema/1-0-0")]
         assert (sli["started"], sli["succeeded"], sli["timed_out"], sli["duration_p99_s"]) == (2, 1, 1, 0.5)
+
+
+def test_checkpoint_categories_are_bounded_per_experience(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond MAX_CATEGORIES distinct categories of one experience_id, checkpoints are kept under __other__
+    (still deduplicated, never refused)."""
+    from aggregator import experiences
+
+    monkeypatch.setattr(experiences, "MAX_CATEGORIES", 2)
+    clock = FakeClock()
+    journey_id = new_correlation_id()
+    with service(sqlite_url, clock) as agg:
+        agg.checkpoint_many([journey(journey_id, "intermediate", T0 + n, checkpoint_category=f"step{n}")
+                             for n in range(4)])
+        agg.flush()
+
+        async def categories() -> list[str]:
+            async with agg._store.read() as conn:  # type: ignore[union-attr]
+                rows = await conn.execute(sa.select(schema.experience_checkpoints.c.checkpoint_category)
+                                          .order_by(schema.experience_checkpoints.c.client_timestamp))
+                return [c for (c,) in rows]
+
+        assert agg._call(categories) == ["step0", "step1", "__other__", "__other__"]

@@ -9,31 +9,21 @@ from open to timed out in the commit that queues their failure event, so each ti
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from aggregator import experiences, schema
+from aggregator.store.base import StoreBase
 from aggregator.store.outbox import OutboxQueries
 
 _STATUS = {"success": "succeeded", "failure": "failed"}
 
 
-class _Base(Protocol):
-    dialect: str
-    url: str
-
-    def transaction(self) -> Any: ...
-
-    def read(self) -> Any: ...
-
-    def _insert(self, table: sa.Table) -> Any: ...
-
-    async def _share_windows(self, conn: AsyncConnection, starts: Sequence[int], window: int) -> set[int]: ...
-
-    async def _open_window_from(self, conn: AsyncConnection, start: int, window: int, closed: set[int]) -> int: ...
+_Base = StoreBase
 
 
 class ExperienceQueries:
@@ -46,6 +36,10 @@ class ExperienceQueries:
         c, e = schema.experience_checkpoints, schema.experiences
         applied = 0
         for item in sorted(items, key=lambda i: i.key):  # one lock order everywhere: no deadlocks
+            if item.checkpoint_category:
+                category = await ExperienceQueries._bounded_category(self, conn, item.experience_id,
+                                                                     item.checkpoint_category)
+                item = dataclasses.replace(item, checkpoint_category=category)
             inserted = await conn.execute(self._insert(c).values(
                 correlation_id=item.correlation_id, checkpoint=item.checkpoint,
                 checkpoint_category=item.checkpoint_category, client_timestamp=item.client_timestamp,
@@ -78,6 +72,20 @@ class ExperienceQueries:
             if changes:
                 await conn.execute(sa.update(e).where(e.c.correlation_id == item.correlation_id).values(**changes))
         return applied
+
+    async def _bounded_category(self: _Base, conn: AsyncConnection, experience_id: str, category: str) -> str:
+        """``category``, or OTHER once the experience has MAX_CATEGORIES others (replicas racing may add a few)."""
+        t = schema.experience_categories
+        known = await conn.scalar(sa.select(sa.func.count()).where(t.c.experience_id == experience_id,
+                                                                   t.c.checkpoint_category == category))
+        if known:
+            return category
+        count = await conn.scalar(sa.select(sa.func.count()).where(t.c.experience_id == experience_id))
+        if int(count or 0) >= experiences.MAX_CATEGORIES:
+            return experiences.OTHER
+        await conn.execute(self._insert(t).values(experience_id=experience_id, checkpoint_category=category)
+                           .on_conflict_do_nothing())
+        return category
 
     async def sweep_experiences(self: _Base, *, now: float, window: int, writers: Sequence[str] = (),
                                 limit: int = 1000) -> list[dict[str, Any]]:

@@ -10,24 +10,16 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from aggregator import exceptions, meters, schema
+from aggregator.store.base import StoreBase
 from aggregator.store.outbox import OutboxQueries
 
-
-class _Base(Protocol):
-    dialect: str
-    url: str
-
-    def transaction(self) -> Any: ...
-
-    def read(self) -> Any: ...
-
-    def _insert(self, table: sa.Table) -> Any: ...
+_Base = StoreBase
 
 
 class MeterQueries:

@@ -12,13 +12,14 @@ import dataclasses
 import json
 import uuid
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from aggregator import iglu, schema
 from aggregator.reports import Report
+from aggregator.store.base import StoreBase
 
 # Event ids are UUIDv5 under this namespace, of "KIND/KEY/WRITER": the same item and writer always
 # get the same id, on any replica and after any number of retries.
@@ -43,13 +44,7 @@ class Settlement:
     error: str | None = None
 
 
-class _Base(Protocol):
-    dialect: str
-    url: str
-
-    def transaction(self) -> Any: ...
-
-    def read(self) -> Any: ...
+_Base = StoreBase
 
 
 class OutboxQueries:

@@ -19,6 +19,11 @@ depends_on = None
 
 
 def upgrade() -> None:
+    op.create_table('experience_categories',
+    sa.Column('experience_id', sa.String(length=64), nullable=False),
+    sa.Column('checkpoint_category', sa.String(length=64), nullable=False),
+    sa.PrimaryKeyConstraint('experience_id', 'checkpoint_category', name=op.f('pk_experience_categories'))
+    )
     op.create_table('experience_checkpoints',
     sa.Column('correlation_id', sa.String(length=26), nullable=False),
     sa.Column('checkpoint', sa.String(length=16), nullable=False),
@@ -72,6 +77,7 @@ def upgrade() -> None:
     )
 
 def downgrade() -> None:
+    op.drop_table('experience_categories')
     op.drop_table('experience_slis')
     op.drop_index(op.f('ix_experiences_start_window'), table_name='experiences')
     op.drop_index(op.f('ix_experiences_outcome_window'), table_name='experiences')
