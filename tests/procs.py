@@ -144,3 +144,14 @@ def meter_replica(url: str, index: int, window: int, duration: float, out: Any) 
         t.join()
     agg.stop()
     out.put(({f"{s}/{p}": sorted(u) for (s, p), u in users.items()}, sorted(jobs)))
+
+
+def sweep_at_once(url: str, start_at: float, now: float, directory: str, out: Any) -> None:
+    """One of several processes timing out the same stale experiences at (almost) the same moment."""
+    clock = FakeClock(now)
+    agg = manual(url, clock, replica_id=f"sweeper-{os.getpid()}", pseudonym_key="k" * 32,
+                 writers={"events": {"type": "jsonl", "directory": directory}}).start()
+    time.sleep(max(0.0, start_at - time.time()))
+    agg.collect()
+    out.put(agg.status()["collector"].timed_out)
+    agg.stop()

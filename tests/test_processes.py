@@ -253,3 +253,50 @@ def test_meters_from_processes_and_threads_are_exact(database_url: str) -> None:
                  for r in results if r.meter == "users" and not r.late}
     assert got_users == {key: len(values) for key, values in users.items()}
     assert [r for r in results if r.late] == []
+
+
+def test_stale_experiences_time_out_exactly_once_with_sweepers_in_several_processes(database_url: str,
+                                                                                   tmp_path: Path) -> None:
+    """300 journeys that never end; 4 processes sweep at the same moment: each journey times out exactly once
+    and gets exactly one failure event in the outbox."""
+    import asyncio
+
+    import sqlalchemy as sa
+
+    from aggregator import schema, store
+    from aggregator.client import new_correlation_id
+    from tests.helpers import T0, FakeClock, manual
+
+    clock = FakeClock()
+    with manual(database_url, clock) as agg:
+        agg.checkpoint_many([{"correlation_id": new_correlation_id(), "experience_id": "job", "checkpoint": "start",
+                              "type": "worker", "feature_category": "ci", "urgency": "sync_fast",
+                              "client_timestamp": "2027-01-15T08:00:01Z"} for _ in range(300)])
+        agg.flush()
+    out = SPAWN.Queue()
+    start_at = time.time() + 3
+    sweepers = [SPAWN.Process(target=procs.sweep_at_once,
+                              args=(database_url, start_at, T0 + 30, str(tmp_path / f"out{n}"), out))
+                for n in range(4)]
+    for p in sweepers:
+        p.start()
+    counts = [out.get(timeout=120) for _ in sweepers]
+    for p in sweepers:
+        p.join(30)
+    assert [p.exitcode for p in sweepers] == [0] * 4
+    assert sum(counts) == 300
+
+    async def stored() -> tuple[int, int, int]:
+        db = store.Store(database_url)
+        try:
+            async with db.read() as conn:
+                timed_out = await conn.scalar(sa.select(sa.func.count()).where(
+                    schema.experiences.c.status == "timed_out"))
+                events = await conn.scalar(sa.select(sa.func.count(sa.distinct(schema.outbox.c.event_id))).where(
+                    schema.outbox.c.kind == "experience_failure"))
+                rows = await conn.scalar(sa.select(sa.func.count()).where(schema.outbox.c.kind == "experience_failure"))
+            return int(timed_out or 0), int(events or 0), int(rows or 0)
+        finally:
+            await db.close()
+
+    assert asyncio.run(stored()) == (300, 300, 300)  # timed out; failure events, all distinct
