@@ -102,10 +102,52 @@ class ReportPage(BaseModel):
     next_cursor: str = Field(description="pass as `after` to get the reports that follow")
 
 
+class MeterResultOut(BaseModel):
+    window_start: dt.datetime
+    window_end: dt.datetime
+    meter: str
+    dimensions: dict[str, str] = Field(description="empty for the __overflow__ group")
+    overflow: bool
+    late: bool = Field(description="data of earlier, reported windows that arrived while this one was open")
+    quantity: float = Field(description="sum: exact to the meter's decimals; count: records; distinct: values")
+    unit: str | None
+    records: int
+    report_id: int
+
+
+class MeterPage(BaseModel):
+    results: list[MeterResultOut]
+    next_cursor: str = Field(description="pass as `after` to get the results of the reports that follow")
+
+
+class SliOut(BaseModel):
+    window_start: dt.datetime
+    experience_id: str
+    urgency: str
+    started: int
+    succeeded: int
+    failed: int
+    timed_out: int
+    completed: int
+    duration_p50_s: float | None
+    duration_p90_s: float | None
+    duration_p99_s: float | None
+    report_id: int
+
+
+class SliPage(BaseModel):
+    slis: list[SliOut]
+    next_cursor: str = Field(description="pass as `after` to get the SLIs of the reports that follow")
+
+
 class Problem(BaseModel):
     detail: str
     errors: list[dict[str, Any]] = []
 
+
+# Query parameters of the report-stream pages (module level: FastAPI resolves these annotations by name).
+Cursor = Annotated[str, Query(pattern=r"^[0-9]{1,18}$", description="cursor from a previous page; 0 for the start")]
+Limit = Annotated[int, Query(ge=1, le=1000, description="reports (windows) per page")]
 
 _BATCH = TypeAdapter(TrackBatch)
 _RECORDS = TypeAdapter(RecordBatch)
@@ -230,6 +272,24 @@ def build_app(agg: Aggregator, settings: config.DaemonSettings, counters: metric
         found = await agg.areports(after=int(after), limit=limit)
         return ReportPage(reports=found,
                           next_cursor=str(found[-1].id if found else int(after)))
+
+    @app.get("/v1/meters", response_model=MeterPage, responses=_PROBLEMS, dependencies=[Depends(authorized)])
+    async def meter_results(after: Cursor = "0", limit: Limit = 100) -> MeterPage:
+        """Meter results, page by page of the report stream: the results of the next `limit` reports."""
+        page = [r.id for r in await agg.areports(after=int(after), limit=limit)]
+        found = await agg.ameter_results(page) if page else []
+        return MeterPage(results=[MeterResultOut(**{**r.to_dict(), "window_start": r.window_start,
+                                                    "window_end": r.window_end}) for r in found],
+                         next_cursor=str(page[-1] if page else int(after)))
+
+    @app.get("/v1/experiences", response_model=SliPage, responses=_PROBLEMS, dependencies=[Depends(authorized)])
+    async def experience_slis(after: Cursor = "0", limit: Limit = 100) -> SliPage:
+        """Experience SLIs per window, experience and urgency, page by page of the report stream."""
+        page = [r.id for r in await agg.areports(after=int(after), limit=limit)]
+        rows = await agg.aexperience_slis(page) if page else []
+        return SliPage(slis=[SliOut(**{**row, "window_start": dt.datetime.fromtimestamp(row["window_start"],
+                                                                                         dt.timezone.utc)})
+                             for row in rows], next_cursor=str(page[-1] if page else int(after)))
 
     @app.get("/healthz", responses={503: {"model": Problem, "description": "database unreachable"}})
     async def health() -> dict[str, str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aggregator import config, experiences, store, tracker
@@ -82,6 +82,23 @@ class MetersAndExperiences:
         rows = self._read(lambda db: db.meter_results(since=_since_epoch(since), meter=meter))
         return [meters_module.Result.from_row(row, defs.get(row["meter"]), self.settings.window_seconds)
                 for row in rows]
+
+    async def ameter_results(self, report_ids: Sequence[int]) -> list[meters_module.Result]:
+        """Meter results written with the given reports (a page of the report stream), for the HTTP pull."""
+        self._require_running()
+        db = self._store
+        assert db is not None
+        defs = {m.name: m for m in self.settings.meters}
+        rows = await self._on_own_loop(lambda: db.meter_results(report_ids=report_ids))
+        return [meters_module.Result.from_row(row, defs.get(row["meter"]), self.settings.window_seconds)
+                for row in rows]
+
+    async def aexperience_slis(self, report_ids: Sequence[int]) -> list[dict[str, Any]]:
+        """SLI rows written with the given reports (a page of the report stream), for the HTTP pull."""
+        self._require_running()
+        db = self._store
+        assert db is not None
+        return await self._on_own_loop(lambda: db.experience_slis(report_ids=report_ids))
 
     def experience_slis(self, since: Any = None) -> list[dict[str, Any]]:
         """SLIs per window, experience and urgency of reported windows (window_start >= ``since``), oldest first."""

@@ -247,3 +247,31 @@ async def test_a_bad_record_rejects_the_whole_batch_naming_it(metered: tuple) ->
                                                                     "dimensions": {"project_id": "p"}}]})
     assert unauthorized.status_code == 401
     assert agg._recorder.pending() == 0
+
+
+async def test_meter_results_and_slis_are_pulled_page_by_page_of_the_report_stream(metered: tuple) -> None:
+    """GET /v1/meters and /v1/experiences return what was written with the next `limit` reports, and a cursor
+    that continues after them; a pull from the last cursor is empty."""
+    from aggregator.client import new_correlation_id
+
+    http, agg, clock = metered
+    journey = new_correlation_id()
+    for n in range(3):  # three windows, each with one record; the second also with a journey
+        clock.t = T0 + WINDOW * n + 1
+        agg.record("builds", dimensions={"project_id": f"p{n}"})
+        if n == 1:
+            agg.checkpoint_many([{"correlation_id": journey, "experience_id": "http_request", "checkpoint": "start",
+                                  "type": "web", "feature_category": "ci", "urgency": "sync_fast",
+                                  "client_timestamp": "2027-01-15T08:01:01Z"}])
+        await agg.aflush()
+    clock.past_window(T0 + 2 * WINDOW)
+    await agg.acollect()
+    first = (await http.get("/v1/meters", params={"limit": 2}, headers=AUTH)).json()
+    assert [r["dimensions"]["project_id"] for r in first["results"]] == ["p0", "p1"]
+    second = (await http.get("/v1/meters", params={"after": first["next_cursor"]}, headers=AUTH)).json()
+    assert [(r["dimensions"]["project_id"], r["quantity"]) for r in second["results"]] == [("p2", 1)]
+    assert (await http.get("/v1/meters", params={"after": second["next_cursor"]}, headers=AUTH)).json() == {
+        "results": [], "next_cursor": second["next_cursor"]}
+    slis = (await http.get("/v1/experiences", headers=AUTH)).json()
+    assert [(s["experience_id"], s["started"]) for s in slis["slis"]] == [("http_request", 1)]
+    assert (await http.get("/v1/meters")).status_code == 401

@@ -100,8 +100,8 @@ def test_fuzzing_the_openapi_document_gets_no_server_error(daemon: Daemon) -> No
     # An explicit default config: a schemathesis.toml lying around must not change what is generated.
     schema = schemathesis.openapi.from_url(f"{daemon.url}/openapi.json", config=schemathesis.Config(), timeout=10)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {"POST /v1/track", "POST /v1/record", "POST /v1/checkpoints", "GET /v1/reports", "GET /healthz",
-            "GET /metrics"} == {o.label for o in operations}
+    assert {"POST /v1/track", "POST /v1/record", "POST /v1/checkpoints", "GET /v1/reports", "GET /v1/meters",
+            "GET /v1/experiences", "GET /healthz", "GET /metrics"} == {o.label for o in operations}
     statuses: Statuses = collections.Counter()
     began = time.monotonic()
     with requests.Session() as session:

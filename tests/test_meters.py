@@ -55,6 +55,8 @@ def test_results_are_exact_across_replicas_per_meter_and_group(database_url: str
         compute = results(replicas[0], "compute_seconds")
         assert compute == {("p1", "ns"): (truth["p1"], False), ("p2", "ns"): (truth["p2"], False)}
         assert results(replicas[0], "jobs") == {("p1",): (99, False), ("p2",): (51, False)}
+        (report,) = replicas[0].reports()
+        assert report.replicas == 3  # replicas that only recorded meters contributed to the window too
         users_p2 = {f"user-{(k + n) % 10}" for n in range(3) for k in range(50) if k % 3 == 0}
         users_p1 = {f"user-{(k + n) % 10}" for n in range(3) for k in range(50) if k % 3}
         assert results(replicas[0], "active_users") == {("p1",): (len(users_p1), False),

@@ -239,6 +239,10 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries):
                     result.late_target = await self._open_window_from(conn, current, window, closed)
                 return result.late_target
 
+            # A replica whose data of a window is only meter records or checkpoints contributed to it too.
+            for start in sorted((meter_starts | checkpoint_starts) - closed - {
+                    s for s, part in batch.windows.items() if not part.is_empty()}):
+                await self._add_contribution(conn, start, replica_id, ontime=True, allowed=0, denied=0)
             if metered is not None:
                 result.overflowed = await self._apply_meters(conn, metered, meter_defs or {}, closed=closed,
                                                              late_target=late_target, now=now)

@@ -139,12 +139,15 @@ class ExperienceQueries:
                 occurred_at=report["window_end"], report_id=report["id"], now=now)
         return rows
 
-    async def experience_slis(self: _Base, *, since: int | None = None) -> list[dict[str, Any]]:
-        """SLI rows of reported windows, oldest first."""
+    async def experience_slis(self: _Base, *, since: int | None = None,
+                              report_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
+        """SLI rows of reported windows, oldest first; or those of the given reports."""
         s = schema.experience_slis
         query = sa.select(s).order_by(s.c.window_start, s.c.experience_id, s.c.urgency)
         if since is not None:
             query = query.where(s.c.window_start >= since)
+        if report_ids is not None:
+            query = query.where(s.c.report_id.in_(list(report_ids)))
         async with self.read() as conn:
             return [dict(row._mapping) for row in await conn.execute(query)]
 

@@ -225,13 +225,15 @@ class MeterQueries:
         e = schema.meter_event_ids
         await conn.execute(sa.delete(e).where(e.c.recorded_at < event_ids_before))
 
-    async def meter_results(self: _Base, *, since: int | None = None, meter: str | None = None
-                            ) -> list[dict[str, Any]]:
-        """Meter results of reported windows, oldest first."""
+    async def meter_results(self: _Base, *, since: int | None = None, meter: str | None = None,
+                            report_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
+        """Meter results of reported windows, oldest first; or those of the given reports."""
         r = schema.meter_reports
         query = sa.select(r).order_by(r.c.window_start, r.c.meter, r.c.group_key, r.c.late)
         if since is not None:
             query = query.where(r.c.window_start >= since)
+        if report_ids is not None:
+            query = query.where(r.c.report_id.in_(list(report_ids)))
         if meter is not None:
             query = query.where(r.c.meter == meter)
         async with self.read() as conn:
