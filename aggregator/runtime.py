@@ -170,16 +170,12 @@ class Aggregator(beyond.MetersAndExperiences):
         Raises StoreUnavailable if the final flush could not be made durable within ``stop_timeout``
         (the events are then lost, and the error says how many).
         """
-        if self._state == "new" and (self._tracker.pending_events() or self._recorder.pending()
-                                     or self._checkpoints.pending()):
+        if self._state == "new" and self._has_pending():
             self.start()  # what was tracked before start() must not be lost either
         with self._lifecycle:
             if self._state != "running":
                 self._state = "stopped"
-                self._tracker.close()
-                self._recorder.close()
-                self._checkpoints.close()
-                self._tracker.finish()
+                self._close_intake(finished=True)
                 return
             if self._mode == "async":
                 raise exceptions.AggregatorError(
@@ -233,15 +229,11 @@ class Aggregator(beyond.MetersAndExperiences):
         return self
 
     async def astop(self) -> None:
-        if self._state == "new" and (self._tracker.pending_events() or self._recorder.pending()
-                                     or self._checkpoints.pending()):
+        if self._state == "new" and self._has_pending():
             await self.astart()
         if self._state != "running":
             self._state = "stopped"
-            self._tracker.close()
-            self._recorder.close()
-            self._checkpoints.close()
-            self._tracker.finish()
+            self._close_intake(finished=True)
             return
         if self._mode == "thread":
             await asyncio.to_thread(self.stop)
@@ -346,9 +338,7 @@ class Aggregator(beyond.MetersAndExperiences):
 
     async def _close(self) -> None:
         assert self._store is not None and self._flusher is not None
-        self._tracker.close()
-        self._recorder.close()
-        self._checkpoints.close()
+        self._close_intake(finished=False)
         self._state = "stopping"
         if self._drainer is not None:
             self._drainer.cancel()  # a fold in progress finishes in its thread; take() waits for it
@@ -443,6 +433,18 @@ class Aggregator(beyond.MetersAndExperiences):
         if loop is None or loop is asyncio.get_running_loop():
             return await fn()
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(fn(), loop))
+
+    def _has_pending(self) -> bool:
+        """Anything tracked, recorded or checkpointed and not yet flushed."""
+        return bool(self._tracker.pending_events() or self._recorder.pending() or self._checkpoints.pending())
+
+    def _close_intake(self, *, finished: bool) -> None:
+        """Refuse further track(), record() and checkpoint(); ``finished``: no final flush will follow."""
+        self._tracker.close()
+        self._recorder.close()
+        self._checkpoints.close()
+        if finished:
+            self._tracker.finish()
 
     def _require_running(self) -> None:
         if self._state != "running":
