@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator import config, logs
-from bench import daemon, figures, hotpath, memory, postgres, workload
+from bench import daemon, figures, hotpath, journeys, memory, postgres, workload
 from bench.figures import Result
 
 DATABASE_ENV = "AGGREGATOR_BENCH_DATABASE_URL"
@@ -38,6 +38,8 @@ ROWS: dict[str, Callable[[workload.Env], Result]] = {
     "pg_collect": postgres.collect,
     "memory": memory.memory,
     "daemon_ingest": daemon.ingest,
+    # Beyond the rows:
+    "pg_checkpoints": journeys.checkpoints,
 }
 
 

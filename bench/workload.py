@@ -36,6 +36,7 @@ class Sizes:
     memory_traced_reps: int  # our side under tracemalloc (~30 s per million ids)
     daemon_seconds: float  # how long the HTTP clients send (row 7)
     daemon_clients: int
+    journeys: int = 10_000  # experiences applied in one flush (extra row)
 
 
 FULL = Sizes(calls=200_000, thread_calls=1_000_000,
@@ -45,7 +46,7 @@ FULL = Sizes(calls=200_000, thread_calls=1_000_000,
 QUICK = Sizes(calls=20_000, thread_calls=50_000,
               reps=3, pg_reps=2, flush_ids=50_000, naive_sample=500, collect_ids=50_000,
               replicas=1_000, memory_ids=100_000, memory_reps=2, memory_traced_reps=1, daemon_seconds=2.0,
-              daemon_clients=2)
+              daemon_clients=2, journeys=500)
 
 
 def random_uuids(rng: random.Random, n: int) -> list[uuid.UUID]:

@@ -21,6 +21,22 @@ from aggregator.store.base import StoreBase
 from aggregator.store.outbox import OutboxQueries
 
 _STATUS = {"success": "succeeded", "failure": "failed"}
+_ORDER = {"start": 0, "intermediate": 1, "end": 2}  # within one client timestamp
+_UPDATED = ("status", "started_at", "ended_at", "start_window", "outcome_window", "deadline", "late_end")
+_CHUNK = 1000
+
+
+def _chunks(values: Sequence[Any]) -> list[Sequence[Any]]:
+    return [values[offset:offset + _CHUNK] for offset in range(0, len(values), _CHUNK)]
+
+
+def _new_row(first: experiences.Checkpoint, urgencies: Mapping[str, float]) -> dict[str, Any]:
+    """A journey's row as its first checkpoint creates it: open until its urgency's lifetime has passed."""
+    lifetime = urgencies.get(first.urgency, max(urgencies.values()))
+    return {"correlation_id": first.correlation_id, "experience_id": first.experience_id, "type": first.type,
+            "feature_category": first.feature_category, "urgency": first.urgency, "status": "open",
+            "first_seen_at": first.received_at, "deadline": first.received_at + lifetime,
+            "unknown_start": first.checkpoint != "start", "late_end": False}
 
 
 _Base = StoreBase
@@ -32,60 +48,88 @@ class ExperienceQueries:
     async def _apply_checkpoints(self: _Base, conn: AsyncConnection, items: Sequence[experiences.Checkpoint],
                                  urgencies: Mapping[str, float], *, window: int, closed: set[int],
                                  late_target: Callable[[], Any]) -> int:
-        """Apply new checkpoints in a flush's transaction; returns how many were new (not retries)."""
-        c, e = schema.experience_checkpoints, schema.experiences
-        applied = 0
-        for item in sorted(items, key=lambda i: i.key):  # one lock order everywhere: no deadlocks
-            if item.checkpoint_category:
-                category = await ExperienceQueries._bounded_category(self, conn, item.experience_id,
-                                                                     item.checkpoint_category)
-                item = dataclasses.replace(item, checkpoint_category=category)
-            inserted = await conn.execute(self._insert(c).values(
-                correlation_id=item.correlation_id, checkpoint=item.checkpoint,
-                checkpoint_category=item.checkpoint_category, client_timestamp=item.client_timestamp,
-                type=item.type, received_at=item.received_at, outcome=item.outcome, meta=item.meta,
-            ).on_conflict_do_nothing().returning(c.c.correlation_id))
-            if inserted.first() is None:
-                continue  # a retry of a checkpoint already applied
-            applied += 1
-            start = experiences.window_of(item.received_at, window)
-            if start in closed:
-                start = await late_target()
-            lifetime = urgencies.get(item.urgency, max(urgencies.values()))
-            await conn.execute(self._insert(e).values(
-                correlation_id=item.correlation_id, experience_id=item.experience_id, type=item.type,
-                feature_category=item.feature_category, urgency=item.urgency, status="open",
-                first_seen_at=item.received_at, deadline=item.received_at + lifetime,
-                unknown_start=item.checkpoint != "start",
-            ).on_conflict_do_nothing())
-            row = (await conn.execute(sa.select(e).where(e.c.correlation_id == item.correlation_id)
-                                      .with_for_update())).one()._mapping
-            changes: dict[str, Any] = {}
-            if item.checkpoint == "start" and row["started_at"] is None:
-                changes.update(started_at=item.client_timestamp, start_window=start)
-            elif item.checkpoint == "end":
-                if row["status"] == "open":
-                    changes.update(status=_STATUS[item.outcome or "success"], ended_at=item.client_timestamp,
-                                   outcome_window=start, deadline=None)
-                elif row["status"] == "timed_out" and not row["late_end"]:
-                    changes.update(late_end=True, ended_at=item.client_timestamp)  # the outcome stays a failure
-            if changes:
-                await conn.execute(sa.update(e).where(e.c.correlation_id == item.correlation_id).values(**changes))
-        return applied
+        """Apply new checkpoints in a flush's transaction; returns how many were new (not retries).
 
-    async def _bounded_category(self: _Base, conn: AsyncConnection, experience_id: str, category: str) -> str:
-        """``category``, or OTHER once the experience has MAX_CATEGORIES others (replicas racing may add a few)."""
+        In bulk, a few statements per thousand checkpoints: their dedup rows (the new ones come back), the
+        journeys' rows created if missing and locked in id order, the new states computed here, one update.
+        """
+        c, e = schema.experience_checkpoints, schema.experiences
+        ordered = sorted(await ExperienceQueries._bound_categories(self, conn, items), key=lambda i: i.key)
+        fresh: set[tuple[str, str, str, float]] = set()
+        # Executemany ("insertmanyvalues"): one cached statement for every batch, where a VALUES list per
+        # batch would be compiled anew each time (most of the cost, measured).
+        if ordered:
+            inserted = await conn.execute(
+                self._insert(c).on_conflict_do_nothing().returning(
+                    c.c.correlation_id, c.c.checkpoint, c.c.checkpoint_category, c.c.client_timestamp),
+                [{"correlation_id": i.correlation_id, "checkpoint": i.checkpoint,
+                  "checkpoint_category": i.checkpoint_category, "client_timestamp": i.client_timestamp,
+                  "type": i.type, "received_at": i.received_at, "outcome": i.outcome, "meta": i.meta}
+                 for i in ordered])
+            fresh.update((cid, point, category, ts) for cid, point, category, ts in inserted)
+        journeys: dict[str, list[experiences.Checkpoint]] = collections.defaultdict(list)
+        for item in ordered:
+            if item.key in fresh:  # else a retry of a checkpoint already applied
+                journeys[item.correlation_id].append(item)
+        if not journeys:
+            return 0
+        ids = sorted(journeys)  # one lock order everywhere: no deadlocks
+        for group in journeys.values():
+            group.sort(key=lambda i: (i.client_timestamp, _ORDER[i.checkpoint]))
+        await conn.execute(self._insert(e).on_conflict_do_nothing(),
+                           [_new_row(journeys[cid][0], urgencies) for cid in ids])
+        rows: dict[str, dict[str, Any]] = {}
+        for chunk in _chunks(ids):
+            for found in await conn.execute(sa.select(e).where(e.c.correlation_id.in_(chunk))
+                                            .order_by(e.c.correlation_id).with_for_update()):
+                rows[found.correlation_id] = dict(found._mapping)
+        updates = []
+        for cid in ids:
+            row, before = rows[cid], dict(rows[cid])
+            for item in journeys[cid]:
+                start = experiences.window_of(item.received_at, window)
+                if start in closed:
+                    start = await late_target()
+                if item.checkpoint == "start" and row["started_at"] is None:
+                    row.update(started_at=item.client_timestamp, start_window=start)
+                elif item.checkpoint == "end":
+                    if row["status"] == "open":
+                        row.update(status=_STATUS[item.outcome or "success"], ended_at=item.client_timestamp,
+                                   outcome_window=start, deadline=None)
+                    elif row["status"] == "timed_out" and not row["late_end"]:
+                        row.update(late_end=True, ended_at=item.client_timestamp)  # the outcome stays a failure
+            if row != before:
+                updates.append({"cid": cid, **{k: row[k] for k in _UPDATED}})
+        if updates:
+            await conn.execute(sa.update(e).where(e.c.correlation_id == sa.bindparam("cid"))
+                               .values({k: sa.bindparam(k) for k in _UPDATED}), updates)
+        return sum(len(group) for group in journeys.values())
+
+    async def _bound_categories(self: _Base, conn: AsyncConnection, items: Sequence[experiences.Checkpoint]
+                                ) -> list[experiences.Checkpoint]:
+        """The items, their categories beyond MAX_CATEGORIES per experience_id renamed OTHER (replicas racing
+        may add a few more)."""
+        pairs = sorted({(i.experience_id, i.checkpoint_category) for i in items if i.checkpoint_category})
+        if not pairs:
+            return list(items)
         t = schema.experience_categories
-        known = await conn.scalar(sa.select(sa.func.count()).where(t.c.experience_id == experience_id,
-                                                                   t.c.checkpoint_category == category))
-        if known:
-            return category
-        count = await conn.scalar(sa.select(sa.func.count()).where(t.c.experience_id == experience_id))
-        if int(count or 0) >= experiences.MAX_CATEGORIES:
-            return experiences.OTHER
-        await conn.execute(self._insert(t).values(experience_id=experience_id, checkpoint_category=category)
-                           .on_conflict_do_nothing())
-        return category
+        known: dict[str, set[str]] = collections.defaultdict(set)
+        for chunk in _chunks(sorted({experience_id for experience_id, _ in pairs})):
+            for experience_id, category in await conn.execute(
+                    sa.select(t.c.experience_id, t.c.checkpoint_category).where(t.c.experience_id.in_(chunk))):
+                known[experience_id].add(category)
+        kept: dict[tuple[str, str], str] = {}
+        added = []
+        for experience_id, category in pairs:
+            seen = known[experience_id]
+            if category not in seen and len(seen) < experiences.MAX_CATEGORIES:
+                seen.add(category)
+                added.append({"experience_id": experience_id, "checkpoint_category": category})
+            kept[(experience_id, category)] = category if category in seen else experiences.OTHER
+        if added:
+            await conn.execute(self._insert(t).on_conflict_do_nothing(), added)
+        return [dataclasses.replace(i, checkpoint_category=kept[(i.experience_id, i.checkpoint_category)])
+                if i.checkpoint_category else i for i in items]
 
     async def sweep_experiences(self: _Base, *, now: float, window: int, writers: Sequence[str] = (),
                                 limit: int = 1000) -> list[dict[str, Any]]:

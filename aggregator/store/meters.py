@@ -119,12 +119,11 @@ class MeterQueries:
         table = schema.meter_event_ids
         fresh: set[tuple[str, str]] = set()
         ordered = sorted({(r.meter, r.event_id) for r in records})  # one order everywhere: no deadlocks
-        for offset in range(0, len(ordered), 5000):
-            chunk = ordered[offset:offset + 5000]
-            result = await conn.execute(
-                self._insert(table).values([{"meter": m, "event_id": e, "recorded_at": now} for m, e in chunk])
-                .on_conflict_do_nothing().returning(table.c.meter, table.c.event_id))
-            fresh.update((m, e) for m, e in result)
+        # Executemany: one cached statement, batched by the driver; a VALUES list is compiled anew each time.
+        result = await conn.execute(self._insert(table).on_conflict_do_nothing().returning(table.c.meter,
+                                                                                          table.c.event_id),
+                                    [{"meter": m, "event_id": e, "recorded_at": now} for m, e in ordered])
+        fresh.update((m, e) for m, e in result)
         return fresh
 
     async def _admit_groups(self: _Base, conn: AsyncConnection, rows: dict[tuple[int, str, str, bool], list[int]],
@@ -169,17 +168,14 @@ class MeterQueries:
     async def _insert_distinct(self: _Base, conn: AsyncConnection, start: int, meter: str, group: str,
                                values: set[uuid.UUID], *, count_new: bool = False) -> int:
         table = schema.meter_distinct
-        ordered = sorted(values)
-        new = 0
-        for offset in range(0, len(ordered), 5000):
-            statement = self._insert(table).values([
-                {"window_start": start, "meter": meter, "group_key": group, "value_hash": h}
-                for h in ordered[offset:offset + 5000]]).on_conflict_do_nothing()
-            if count_new:
-                new += len((await conn.execute(statement.returning(table.c.value_hash))).fetchall())
-            else:
-                await conn.execute(statement)
-        return new
+        rows = [{"window_start": start, "meter": meter, "group_key": group, "value_hash": h} for h in sorted(values)]
+        if not rows:
+            return 0
+        statement = self._insert(table).on_conflict_do_nothing()
+        if count_new:
+            return len((await conn.execute(statement.returning(table.c.value_hash), rows)).fetchall())
+        await conn.execute(statement, rows)
+        return 0
 
     # ---- collect ---------------------------------------------------------------------------------
 
