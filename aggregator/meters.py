@@ -161,6 +161,15 @@ class GroupData:
     records: int = 0
     distinct: set[uuid.UUID] = dataclasses.field(default_factory=set)
 
+    def add(self, item: Identified) -> None:
+        self.quantity += item.quantity
+        self.records += 1
+        if item.distinct is not None:
+            self.distinct.add(item.distinct)
+
+    def copy(self) -> GroupData:
+        return GroupData(dict(self.dimensions), self.quantity, self.records, set(self.distinct))
+
 
 @dataclasses.dataclass(slots=True)
 class Identified:
@@ -186,6 +195,34 @@ class MeterBatch:
     @property
     def records(self) -> int:
         return sum(g.records for g in self.groups.values()) + len(self.identified)
+
+    def add(self, item: Identified) -> None:
+        """Keep one record: an identified one as it is (the first of its id), others folded into its group."""
+        if item.event_id:
+            # A retry within the same batch is dropped here; across batches and replicas, by the store.
+            self.identified.setdefault((item.meter, item.event_id), item)
+        else:
+            _fold(self.groups, item)
+
+    def with_fresh(self, fresh: set[tuple[str, str]]) -> dict[tuple[int, str, str], GroupData]:
+        """The groups with the identified records whose (meter, event id) is in ``fresh`` folded in.
+
+        The batch itself is left as it is: a flush that fails is retried with the same batch, and the
+        store decides again which ids are fresh.
+        """
+        groups = {key: data.copy() for key, data in self.groups.items()}
+        for key, item in self.identified.items():
+            if key in fresh:
+                _fold(groups, item)
+        return groups
+
+
+def _fold(groups: dict[tuple[int, str, str], GroupData], item: Identified) -> None:
+    key = (item.window_start, item.meter, item.group)
+    data = groups.get(key)
+    if data is None:
+        data = groups[key] = GroupData(item.dimensions)
+    data.add(item)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -278,19 +315,8 @@ class Recorder:
         with self._lock:
             if not self._open:
                 raise exceptions.NotRunning("Aggregator is stopped; this record was not kept. Create a new Aggregator")
-            batch = self._batch
             for item in prepared:
-                if item.event_id:
-                    # A retry within the same batch is dropped here; across batches and replicas, by the store.
-                    batch.identified.setdefault((item.meter, item.event_id), item)
-                    continue
-                data = batch.groups.get((item.window_start, item.meter, item.group))
-                if data is None:
-                    data = batch.groups[(item.window_start, item.meter, item.group)] = GroupData(item.dimensions)
-                data.quantity += item.quantity
-                data.records += 1
-                if item.distinct is not None:
-                    data.distinct.add(item.distinct)
+                self._batch.add(item)
 
     def take(self) -> MeterBatch:
         with self._lock:

@@ -245,3 +245,33 @@ def test_checkpoint_categories_are_bounded_per_experience(sqlite_url: str, monke
                 return [c for (c,) in rows]
 
         assert agg._call(categories) == ["step0", "step1", "__other__", "__other__"]
+
+
+def test_checkpoints_retried_after_a_database_error_apply_once(database_url: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flush that fails after applying its checkpoints is rolled back and retried with the same batch: the
+    journey starts and ends once."""
+    from aggregator import StoreUnavailable
+    from aggregator.store.experiences import ExperienceQueries
+
+    original = ExperienceQueries._apply_checkpoints
+    failures = iter([True])
+
+    async def failing(self: Any, *args: Any, **kwargs: Any) -> int:
+        applied = await original(self, *args, **kwargs)
+        if next(failures, False):
+            raise sa.exc.OperationalError("UPDATE ...", {}, ConnectionResetError("connection reset by peer"))
+        return applied
+
+    monkeypatch.setattr(ExperienceQueries, "_apply_checkpoints", failing)
+    clock = FakeClock()
+    journey_id = new_correlation_id()
+    with service(database_url, clock) as agg:
+        agg.checkpoint_many([journey(journey_id, "start", T0 + 1), journey(journey_id, "end", T0 + 2)])
+        with pytest.raises(StoreUnavailable, match="connection reset"):
+            agg.flush()
+        agg.flush()
+        clock.past_window(T0)
+        agg.collect()
+        (sli,) = slis(agg).values()
+        assert (sli["started"], sli["succeeded"], sli["completed"]) == (1, 1, 1)

@@ -270,3 +270,35 @@ async def test_migration_from_the_previous_schema_keeps_every_report(empty_datab
         clock.past_window(T0 + 180)
         await agg.acollect()
         assert [r.id for r in await agg.areports()][:3] == [r["id"] for r in before]
+
+
+def test_a_meter_batch_retried_after_a_database_error_counts_once(database_url: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flush whose transaction fails after the meter records were applied is rolled back and retried with the
+    same batch: identified and plain records of one group still count once each."""
+    import sqlalchemy as sa
+
+    from aggregator import StoreUnavailable
+    from aggregator.store.meters import MeterQueries
+
+    original = MeterQueries._admit_groups
+    failures = iter([True])
+
+    async def failing(self: Any, *args: Any, **kwargs: Any) -> int:
+        result = await original(self, *args, **kwargs)
+        if next(failures, False):
+            raise sa.exc.OperationalError("UPDATE ...", {}, ConnectionResetError("connection reset by peer"))
+        return result
+
+    monkeypatch.setattr(MeterQueries, "_admit_groups", failing)
+    clock = FakeClock()
+    dims = {"project_id": "p1", "namespace_id": "ns"}
+    with metered(database_url, clock) as agg:
+        agg.record("compute_seconds", 10, dims)
+        agg.record("compute_seconds", 5, dims, event_id="job-1")
+        with pytest.raises(StoreUnavailable, match="connection reset"):
+            agg.flush()
+        agg.flush()
+        clock.past_window(T0)
+        agg.collect()
+        assert results(agg, "compute_seconds") == {("p1", "ns"): (15, False)}

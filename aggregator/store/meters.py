@@ -65,19 +65,9 @@ class MeterQueries:
 
         ``late_target`` is an async callable giving the open window that late data is counted in.
         """
-        groups = dict(batch.groups)
         # Identified records count once per (meter, event id), across replicas and restarts.
         fresh = await MeterQueries._new_event_ids(self, conn, list(batch.identified.values()), now)
-        for record in batch.identified.values():
-            if (record.meter, record.event_id) not in fresh:
-                continue
-            data = groups.get((record.window_start, record.meter, record.group))
-            if data is None:
-                data = groups[(record.window_start, record.meter, record.group)] = meters.GroupData(record.dimensions)
-            data.quantity += record.quantity
-            data.records += 1
-            if record.distinct is not None:
-                data.distinct.add(record.distinct)
+        groups = batch.with_fresh(fresh)
         # Where each figure goes: its own window, or (late) the window open now.
         rows: dict[tuple[int, str, str, bool], list[int]] = {}  # -> [quantity, records]
         distinct_rows: dict[tuple[int, str, str], set[uuid.UUID]] = {}
