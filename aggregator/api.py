@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from aggregator import config, exceptions, metrics, tracker
+from aggregator import config, exceptions, metrics, reports, tracker
 from aggregator.reports import Report
 from aggregator.runtime import Aggregator
 
@@ -262,7 +262,8 @@ def build_app(agg: Aggregator, settings: config.DaemonSettings, counters: metric
             counters.rejected["invalid"] += 1
             raise HTTPException(422, str(exc)) from None
         counters.checkpoints_accepted += len(found)
-        return CheckpointsAccepted(accepted=len(found), server_timestamp=_utc(accepted_at))
+        return CheckpointsAccepted(accepted=len(found),
+                                   server_timestamp=reports.iso_utc(accepted_at, "milliseconds"))
 
     @app.get("/v1/reports", response_model=ReportPage, responses=_PROBLEMS, dependencies=[Depends(authorized)])
     async def pull(after: Annotated[str, Query(pattern=r"^[0-9]{1,18}$",
@@ -394,6 +395,3 @@ def _check_times(events: Sequence[Event | MeterRecord], settings: config.DaemonS
     return moments
 
 
-
-def _utc(epoch: float) -> str:
-    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")

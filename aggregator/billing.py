@@ -7,13 +7,12 @@ The event matches the shipped Iglu schema ``SCHEMA``; identifiers in it are pseu
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from aggregator import exceptions, meters
+from aggregator import exceptions, meters, reports
 
 KIND = "billable_usage"
 SCHEMA = "iglu:dev.aggregator/billable_usage/jsonschema/1-0-0"
@@ -76,7 +75,7 @@ def billable_event(meter: meters.Meter, *, window_start: int, window_end: int, d
         "event_type": meter.event_type or meter.name,
         "unit_of_measure": meter.unit,
         "realm": realm,
-        "timestamp": _iso(window_end),
+        "timestamp": reports.iso_utc(window_end),
         "quantity": quantity,
     }
     if instance_id is not None:
@@ -85,7 +84,8 @@ def billable_event(meter: meters.Meter, *, window_start: int, window_end: int, d
         if dimensions.get(name) is not None:
             event[name] = dimensions[name]
     metadata: dict[str, Any] = {
-        "meter": meter.name, "window_start": _iso(window_start), "window_end": _iso(window_end), "late": late,
+        "meter": meter.name, "window_start": reports.iso_utc(window_start),
+        "window_end": reports.iso_utc(window_end), "late": late,
         "dimensions": {k: v for k, v in dimensions.items() if k not in TOP_LEVEL_DIMENSIONS},
     }
     if overflow:
@@ -93,9 +93,6 @@ def billable_event(meter: meters.Meter, *, window_start: int, window_end: int, d
     event["metadata"] = metadata
     return event
 
-
-def _iso(seconds: int) -> str:
-    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 __all__ = ["FIELDS", "KIND", "MAX_INSTANCE_ID", "MAX_REALM", "SCHEMA", "TOP_LEVEL_DIMENSIONS", "billable_event",

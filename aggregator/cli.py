@@ -316,7 +316,6 @@ def _print_rows(rows: list[dict[str, Any]], fmt: str, *, empty: str) -> None:
 
 def _meters(args: argparse.Namespace) -> int:
     rows = asyncio.run(_with_store(args.database_url, lambda db: db.meter_results(meter=args.meter)))
-    import datetime as dt
     import decimal
     import json
 
@@ -326,8 +325,7 @@ def _meters(args: argparse.Namespace) -> int:
     for row in rows:
         quantity = decimal.Decimal(row["quantity"]).scaleb(-row["decimals"])
         shown.append({
-            "window_start": dt.datetime.fromtimestamp(row["window_start"], dt.timezone.utc).isoformat()
-            .replace("+00:00", "Z"),
+            "window_start": reports.iso_utc(row["window_start"]),
             "meter": row["meter"],
             "dimensions": {} if row["group_key"] == meters.OVERFLOW else json.loads(row["group_key"]),
             "overflow": row["group_key"] == meters.OVERFLOW, "late": bool(row["late"]),
@@ -341,11 +339,9 @@ def _meters(args: argparse.Namespace) -> int:
 
 
 def _experiences(args: argparse.Namespace) -> int:
-    import datetime as dt
 
     rows = asyncio.run(_with_store(args.database_url, lambda db: db.experience_slis()))
-    shown = [{"window_start": dt.datetime.fromtimestamp(r["window_start"], dt.timezone.utc).isoformat()
-              .replace("+00:00", "Z"), **{k: r[k] for k in (
+    shown = [{"window_start": reports.iso_utc(r["window_start"]), **{k: r[k] for k in (
                   "experience_id", "urgency", "started", "succeeded", "failed", "timed_out", "completed",
                   "duration_p50_s", "duration_p90_s", "duration_p99_s")}} for r in rows]
     _print_rows(shown, args.format, empty="no experience SLIs yet")

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from aggregator import exceptions, tracker
+from aggregator import exceptions, reports, tracker
 
 CHECKPOINTS = ("start", "intermediate", "end")
 OUTCOMES = ("success", "failure")
@@ -200,7 +200,8 @@ def sli(window_start: int, window_end: int, experience_id: str, urgency: str, co
         durations: Sequence[float]) -> dict[str, Any]:
     """One SLI row: per experience and urgency in one window."""
     ordered = sorted(durations)
-    return {"window_start": _iso(window_start), "window_end": _iso(window_end), "experience_id": experience_id,
+    return {"window_start": reports.iso_utc(window_start), "window_end": reports.iso_utc(window_end),
+            "experience_id": experience_id,
             "urgency": urgency, "started": counts.get("started", 0), "succeeded": counts.get("succeeded", 0),
             "failed": counts.get("failed", 0), "timed_out": counts.get("timed_out", 0),
             "completed": len(ordered), "duration_p50_s": percentile(ordered, 50),
@@ -211,12 +212,9 @@ def failure_event(row: Mapping[str, Any], *, timed_out_at: float) -> dict[str, A
     """The failure event of a timed-out experience."""
     return {"correlation_id": row["correlation_id"], "experience_id": row["experience_id"],
             "type": row["type"], "feature_category": row["feature_category"], "urgency": row["urgency"],
-            "outcome": "failure", "reason": "timed_out", "started_at": _iso(row["started_at"] or row["first_seen_at"]),
-            "timed_out_at": _iso(timed_out_at)}
-
-
-def _iso(epoch: float) -> str:
-    return dt.datetime.fromtimestamp(epoch, tz=dt.timezone.utc).isoformat().replace("+00:00", "Z")
+            "outcome": "failure", "reason": "timed_out",
+            "started_at": reports.iso_utc(row["started_at"] or row["first_seen_at"]),
+            "timed_out_at": reports.iso_utc(timed_out_at)}
 
 
 def window_of(moment: float, window: int) -> int:

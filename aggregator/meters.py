@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
-from aggregator import exceptions, tracker
+from aggregator import exceptions, reports, tracker
 
 Aggregation = Literal["sum", "count", "distinct"]
 OVERFLOW = "__overflow__"  # the group that takes records beyond a meter's max_groups in a window
@@ -256,7 +256,7 @@ class Result:
         """JSON-ready: times as ISO 8601 UTC, the quantity as a JSON number."""
         out = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
         for name in ("window_start", "window_end"):
-            out[name] = out[name].isoformat().replace("+00:00", "Z")
+            out[name] = reports.iso_utc(out[name])
         quantity = self.quantity
         out["quantity"] = int(quantity) if quantity == quantity.to_integral_value() else float(quantity)
         return out

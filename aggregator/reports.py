@@ -23,6 +23,12 @@ def to_datetime(epoch: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(epoch, tz=UTC)
 
 
+def iso_utc(moment: float | dt.datetime, timespec: str = "auto") -> str:
+    """An epoch time or aware datetime as ISO 8601 UTC with a ``Z``: how times leave aggregator."""
+    when = moment if isinstance(moment, dt.datetime) else to_datetime(moment)
+    return when.astimezone(UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Report:
     """One window's report; ``id`` is the position in the report stream (a pull cursor)."""
@@ -53,7 +59,7 @@ class Report:
         """JSON-ready: datetimes as ISO 8601 UTC strings."""
         out = dataclasses.asdict(self)
         for name in ("window_start", "window_end", "generated_at"):
-            out[name] = out[name].isoformat().replace("+00:00", "Z")
+            out[name] = iso_utc(out[name])
         return out
 
 

@@ -71,12 +71,13 @@ class MeterQueries:
         # Where each figure goes: its own window, or (late) the window open now.
         rows: dict[tuple[int, str, str, bool], list[int]] = {}  # -> [quantity, records]
         distinct_rows: dict[tuple[int, str, str], set[uuid.UUID]] = {}
-        late_distinct: list[tuple[int, str, str, bool, int, str, set[uuid.UUID]]] = []
+        # Late distinct values: (target window, meter, group there, their own window, group there, values).
+        late_distinct: list[tuple[int, str, str, int, str, set[uuid.UUID]]] = []
         for (start, meter, group), data in sorted(groups.items(), key=lambda item: item[0]):
             late = start in closed
             target = await late_target() if late else start
             if late and data.distinct:
-                late_distinct.append((target, meter, group, late, start, group, data.distinct))
+                late_distinct.append((target, meter, group, start, group, data.distinct))
             elif data.distinct:
                 distinct_rows.setdefault((target, meter, group), set()).update(data.distinct)
             figures = rows.setdefault((target, meter, group, late), [0, 0])
@@ -84,7 +85,7 @@ class MeterQueries:
             figures[1] += data.records
         overflowed = await MeterQueries._admit_groups(self, conn, rows, distinct_rows, late_distinct, defs)
         # Late distinct values join their own window's set; what is new there is counted late now.
-        for target, meter, group, _late, start, origin_group, values in late_distinct:
+        for target, meter, group, start, origin_group, values in late_distinct:
             new = await MeterQueries._insert_distinct(self, conn, start, meter, origin_group, values, count_new=True)
             rows[(target, meter, group, True)][0] += new
         for (start, meter, group), values in sorted(distinct_rows.items(), key=lambda item: item[0]):
