@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import structlog
 
-from aggregator import exceptions
+from aggregator import exceptions, experiences
 
 __all__ = ["Client", "ClientStats", "new_correlation_id"]
 
@@ -35,12 +35,7 @@ log = structlog.get_logger("aggregator.client")
 CHECKPOINTS = "/v1/checkpoints"
 RECORDS = "/v1/record"
 _BODY_KEYS = {CHECKPOINTS: "checkpoints", RECORDS: "records"}
-CHECKPOINT_KINDS = ("start", "intermediate", "end")
-OUTCOMES = ("success", "failure")
-MAX_META_BYTES = 4096
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_ULID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}")  # a leading 8+ would not fit in 128 bits
-_NAME = re.compile(r"[a-z0-9_.-]{1,64}")
 _RETRIED = frozenset({408, 429})
 _DROP_WARNING_EVERY = 10.0
 _DETAIL_CHARS = 500
@@ -148,7 +143,7 @@ class Client:
         item: dict[str, Any] = {
             "correlation_id": _ulid(correlation_id),
             "experience_id": _name("experience_id", experience_id),
-            "checkpoint": _choice("checkpoint", checkpoint, CHECKPOINT_KINDS),
+            "checkpoint": _choice("checkpoint", checkpoint, experiences.CHECKPOINTS),
             "type": _name("type", type),
             "feature_category": _text("feature_category", feature_category, 64),
             "urgency": _text("urgency", urgency, 32),
@@ -160,7 +155,7 @@ class Client:
             if checkpoint != "end":
                 raise exceptions.InvalidInput(f"outcome={outcome!r} given on a {checkpoint!r} checkpoint; "
                                               "only an 'end' checkpoint has an outcome")
-            item["outcome"] = _choice("outcome", outcome, OUTCOMES)
+            item["outcome"] = _choice("outcome", outcome, experiences.OUTCOMES)
         if meta is not None:
             item["meta"] = _meta(meta)
         self._put(CHECKPOINTS, item)
@@ -380,15 +375,16 @@ def _text(field: str, value: object, maximum: int, *, minimum: int = 1) -> str:
 def _ulid(value: object) -> str:
     if not isinstance(value, str):
         raise exceptions.InvalidType(f"correlation_id={value!r} is a {_kind(value)}; pass a ULID string")
-    if not _ULID.fullmatch(value.upper()):
+    if not experiences.ULID.match(value.upper()):
         raise exceptions.InvalidInput(f"correlation_id={value!r} is not a ULID (26 Crockford base32 characters, "
                                       "the first 0-7); make one with new_correlation_id()")
     return value.upper()  # ULIDs are case-insensitive; one spelling keeps the server's dedup key stable
 
 
 def _name(field: str, value: object) -> str:
-    if not _NAME.fullmatch(_text(field, value, 64)):
-        raise exceptions.InvalidInput(f"{field}={value!r} must be 1-64 characters of a-z, 0-9, '_', '.', '-'")
+    if not experiences.NAME.match(_text(field, value, 64)):
+        raise exceptions.InvalidInput(f"{field}={value!r} must be 1-64 characters of a-z, 0-9, '_', '.', '-', "
+                                      "starting with a letter or digit")
     return str(value)
 
 
@@ -435,8 +431,9 @@ def _meta(value: object) -> dict[str, Any]:
                                      "numbers, booleans and None") from None
     except ValueError as exc:  # NaN or infinity, or a container holding itself
         raise exceptions.InvalidInput(f"meta cannot be sent as JSON: {exc}; pass finite numbers, no cycles") from None
-    if len(text) > MAX_META_BYTES:
-        raise exceptions.InvalidInput(f"meta is {len(text)} bytes as JSON; at most {MAX_META_BYTES}, trim it")
+    if len(text) > experiences.MAX_META_BYTES:
+        raise exceptions.InvalidInput(f"meta is {len(text)} bytes as JSON; at most {experiences.MAX_META_BYTES}, "
+                                      "trim it")
     result: dict[str, Any] = json.loads(text)  # a copy: later changes by the caller must not reach the wire
     return result
 

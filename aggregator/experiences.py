@@ -33,8 +33,9 @@ FAILURE_KIND = "experience_failure"
 FAILURE_SCHEMA = "iglu:dev.aggregator/experience_failure/jsonschema/1-0-0"
 SLI_KIND = "experience_sli"
 SLI_SCHEMA = "iglu:dev.aggregator/experience_sli/jsonschema/1-0-0"
-_ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+# What the server accepts, and aggregator.client checks before sending (a batch is refused whole).
+ULID = re.compile(r"^[0-7][0-9A-HJKMNP-TV-Z]{25}$")  # 26 Crockford base32 digits; a leading 8+ overflows 128 bits
+NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -68,7 +69,7 @@ def validate(fields: Mapping[str, Any], urgencies: Mapping[str, float], received
     if unknown:
         raise exceptions.InvalidInput(f"{where}: unknown field(s) {', '.join(unknown)}")
 
-    def text(name: str, pattern: re.Pattern[str] | None = _NAME, required: bool = True) -> str:
+    def text(name: str, pattern: re.Pattern[str] | None = NAME, required: bool = True) -> str:
         value = fields.get(name)
         if value is None:
             if required:
@@ -81,9 +82,9 @@ def validate(fields: Mapping[str, Any], urgencies: Mapping[str, float], received
         return value
 
     correlation_id = fields.get("correlation_id")
-    if not isinstance(correlation_id, str) or not _ULID.match(correlation_id.upper()):
-        raise exceptions.InvalidInput(f"{where}.correlation_id={correlation_id!r} must be a ULID "
-                                      "(26 characters of Crockford base32, e.g. 01J9Z3K8Q6W5N2B7R4T1V0X9YC)")
+    if not isinstance(correlation_id, str) or not ULID.match(correlation_id.upper()):
+        raise exceptions.InvalidInput(f"{where}.correlation_id={correlation_id!r} must be a ULID (26 characters "
+                                      "of Crockford base32, the first 0-7, e.g. 01J9Z3K8Q6W5N2B7R4T1V0X9YC)")
     checkpoint = text("checkpoint", None)
     if checkpoint not in CHECKPOINTS:
         raise exceptions.InvalidInput(f"{where}.checkpoint={checkpoint!r} must be one of: {', '.join(CHECKPOINTS)}")
@@ -141,7 +142,7 @@ def urgencies(value: Mapping[str, Any] | None, parse: Callable[[Any, str], float
             "experience_urgencies must be a table of NAME = \"lifetime\", e.g. sync_fast = \"10s\"")
     out = {}
     for name, lifetime in value.items():
-        if not isinstance(name, str) or not _NAME.match(name) or len(name) > 32:
+        if not isinstance(name, str) or not NAME.match(name) or len(name) > 32:
             raise exceptions.ConfigError(f"experience_urgencies: name {name!r} must be 1-32 of a-z, 0-9, _ . -")
         out[name] = parse(lifetime, f"experience_urgencies.{name}")
     return out

@@ -580,3 +580,21 @@ def test_exit_drains_an_open_client(server: FakeDaemon) -> None:
     )
     subprocess.run([sys.executable, "-c", script, server.url], cwd=REPO, check=True, timeout=60)
     assert len(server.stored) == 5
+
+
+def test_the_client_checks_names_and_ulids_as_the_server_does() -> None:
+    """What the client accepts the server accepts: a name starting with '_' and a ULID starting with 8 are
+    refused in the caller (the server would refuse the whole batch)."""
+    from aggregator import InvalidInput, experiences
+
+    client = Client("http://127.0.0.1:9")
+    fields = {"experience_id": "http_request", "type": "web", "feature_category": "ci", "urgency": "sync_fast"}
+    with pytest.raises(InvalidInput, match="starting with a letter or digit"):
+        client.checkpoint(new_correlation_id(), **{**fields, "experience_id": "_private"}, checkpoint="start")
+    with pytest.raises(InvalidInput, match="is not a ULID"):
+        client.checkpoint("8" + new_correlation_id()[1:], **fields, checkpoint="start")
+    with pytest.raises(InvalidInput, match="must be a ULID"):
+        experiences.validate({**fields, "correlation_id": "8" + new_correlation_id()[1:], "checkpoint": "start",
+                              "client_timestamp": "2026-01-01T00:00:00Z"}, experiences.DEFAULT_URGENCIES, 0.0)
+    assert client.stats.queued == 0
+    client.close(timeout=1)
