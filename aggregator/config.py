@@ -128,7 +128,7 @@ class DeliverySettings:
               backoff_max: Any = "10m", poll_interval: Any = "5s", drain_timeout: Any = "10s",
               retention: Any = "7d") -> DeliverySettings:
         """Validated delivery settings; ``pseudonym_key`` falls back to ``$AGGREGATOR_PSEUDONYM_KEY``."""
-        tables = _writers(writers or {}, "writers")
+        tables = _named_tables(writers or {}, "writers")
         key = pseudonym_key if pseudonym_key is not None else os.environ.get("AGGREGATOR_PSEUDONYM_KEY") or None
         if key is not None and (not isinstance(key, str) or len(key.encode()) < 16):
             # The key is a secret: the message names the setting, never the value.
@@ -148,15 +148,21 @@ class DeliverySettings:
         )
 
 
-def _writers(value: object, key: str) -> tuple[tuple[str, dict[str, Any]], ...]:
+def _from_json(value: object, key: str, example: str) -> object:
+    """A table given in the environment: the same as JSON (an empty string is an empty table)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value) if value.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise exceptions.ConfigError(
+            f"{key} is not valid JSON ({exc.msg} at character {exc.pos}); in the environment give e.g. {example}"
+        ) from None
+
+
+def _named_tables(value: object, key: str) -> tuple[tuple[str, dict[str, Any]], ...]:
     """Named tables (writers, meters) from TOML (a table of tables) or the environment (the same as JSON)."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value) if value.strip() else {}
-        except json.JSONDecodeError as exc:
-            raise exceptions.ConfigError(
-                f"{key} is not valid JSON ({exc.msg} at character {exc.pos}); in the environment give "
-                'e.g. {"NAME": {"option": "value"}}') from None
+    value = _from_json(value, key, '{"NAME": {"option": "value"}}')
     if not isinstance(value, Mapping) or not all(isinstance(t, Mapping) for t in value.values()):
         raise exceptions.ConfigError(
             f"{key} must be a table of tables, one per name, e.g. [{key}.NAME] in TOML")
@@ -250,11 +256,7 @@ class Settings:
 
 
 def _urgency_table(value: object, key: str) -> dict[str, Any]:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise exceptions.ConfigError(f"{key} is not valid JSON; e.g. {{\"sync_fast\": \"10s\"}}") from None
+    value = _from_json(value, key, '{"sync_fast": "10s"}')
     if not isinstance(value, Mapping):
         raise exceptions.ConfigError(f"{key} must be a table of NAME = \"lifetime\"")
     return dict(value)
@@ -401,7 +403,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_event_future", "5m", _duration,
            "furthest event time in the future accepted by the API"),
     Option("shutdown_timeout", "30s", _duration, "bound on a clean stop: drain requests, final flush"),
-    Option("writers", None, _writers,
+    Option("writers", None, _named_tables,
            "report writers: TOML tables [writers.NAME] (type jsonl or snowplow); in the environment, the same as JSON"),
     Option("pseudonym_key", None, lambda v, k: _text(v, k),
            "secret key (>= 16 bytes) for HMAC-SHA256 pseudonyms of identifiers that leave the system", secret=True),
@@ -412,7 +414,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("outbox_poll_interval", "5s", _duration, "how often delivery looks for due items without a wake-up"),
     Option("outbox_drain_timeout", "10s", _duration, "bound on delivering due items at shutdown"),
     Option("outbox_retention", "7d", _duration, "how long delivered items are kept (dead ones stay)"),
-    Option("meters", None, _writers,
+    Option("meters", None, _named_tables,
            "declared meters: TOML tables [meters.NAME] (aggregation, unit, dimensions, ...); in the environment, JSON"),
     Option("billing_realm", "SaaS", lambda v, k: _text(v, k), "realm of billable usage events (e.g. SaaS, SM)"),
     Option("billing_instance_id", None, lambda v, k: _text(v, k), "instance_id of billable usage events; unset: none"),
