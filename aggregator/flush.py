@@ -67,17 +67,13 @@ class Flusher:
         async with self.busy:
             if self._unconfirmed is not None:
                 await self._apply()
-            self._unconfirmed, self._unconfirmed_ids = self._build(self.tracker.take())
-            if self.recorder is not None:
-                metered = self.recorder.take()
-                self._unconfirmed.meters = metered
-                self._unconfirmed.events += metered.records
-            if self.checkpoints is not None:
-                self._unconfirmed.checkpoints = self.checkpoints.take()
-                self._unconfirmed.events += len(self._unconfirmed.checkpoints)
+            self._unconfirmed, self._unconfirmed_ids = self._build(
+                self.tracker.take(), self.recorder.take() if self.recorder else None,
+                self.checkpoints.take() if self.checkpoints else [])
             await self._apply()
 
-    def _build(self, taken: dict[int, tracker.WindowData]
+    def _build(self, taken: dict[int, tracker.WindowData], metered: meters.MeterBatch | None,
+               checkpoints: list[experiences.Checkpoint]
                ) -> tuple[store.Batch, dict[int, tuple[set[int], set[int]]]]:
         self._seq += 1
         windows: dict[int, store.BatchWindow] = {}
@@ -93,7 +89,9 @@ class Flusher:
                 allowed=data.allowed, denied=data.denied,
             )
             events += data.events
-        return store.Batch(seq=self._seq, windows=windows, events=events), new_ids
+        events += (metered.records if metered else 0) + len(checkpoints)
+        return store.Batch(seq=self._seq, windows=windows, events=events, meters=metered,
+                           checkpoints=checkpoints), new_ids
 
     async def _apply(self) -> None:
         batch = self._unconfirmed
