@@ -79,7 +79,7 @@ class MetersAndExperiences:
     def meter_results(self, since: Any = None, meter: str | None = None) -> list[meters_module.Result]:
         """Per-window meter results of reported windows (with window_start >= ``since``), oldest first."""
         defs = {m.name: m for m in self.settings.meters}
-        rows = self._read(lambda db: db.meter_results(since=_since_epoch(since), meter=meter))
+        rows = self._read(lambda db: db.meter_results(since=tracker.since_epoch(since), meter=meter))
         return [meters_module.Result.from_row(row, defs.get(row["meter"]), self.settings.window_seconds)
                 for row in rows]
 
@@ -102,7 +102,7 @@ class MetersAndExperiences:
 
     def experience_slis(self, since: Any = None) -> list[dict[str, Any]]:
         """SLIs per window, experience and urgency of reported windows (window_start >= ``since``), oldest first."""
-        return self._read(lambda db: db.experience_slis(since=_since_epoch(since)))
+        return self._read(lambda db: db.experience_slis(since=tracker.since_epoch(since)))
 
     def _read(self, action: Callable[[store.Store], Coroutine[Any, Any, T]]) -> T:
         """Run a read on this aggregator's store, or on a short-lived one when it is not running."""
@@ -129,7 +129,3 @@ class MetersAndExperiences:
         db = self._store
         assert db is not None
         return await self._on_own_loop(db.meter_overflow)
-
-
-def _since_epoch(since: Any) -> int | None:
-    return None if since is None else int(tracker.moment(since))

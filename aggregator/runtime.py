@@ -250,7 +250,8 @@ class Aggregator(beyond.MetersAndExperiences):
         db = self._store
         if db is None:
             return await read_reports(self.settings.database_url, since)
-        rows = await self._on_own_loop(lambda: db.reports(since=_since_epoch(since), after_id=after, limit=limit))
+        start = tracker.since_epoch(since)
+        rows = await self._on_own_loop(lambda: db.reports(since=start, after_id=after, limit=limit))
         return [Report.from_row(row) for row in rows]
 
     async def aping(self) -> None:
@@ -498,7 +499,7 @@ async def read_reports(database_url: str, since: Any = None) -> list[Report]:
     db = store.Store(database_url, pool_size=1)
     try:
         await migrate.ensure_current(db, auto_upgrade=db.dialect == "sqlite")
-        rows = await db.reports(since=_since_epoch(since))
+        rows = await db.reports(since=tracker.since_epoch(since))
     finally:
         await db.close()
     return [Report.from_row(row) for row in rows]
@@ -516,9 +517,3 @@ def _after_fork_in_child(ref: weakref.ReferenceType[Aggregator]) -> None:
 
 def _in_seconds(seconds: float) -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=seconds)
-
-
-def _since_epoch(since: Any) -> int | None:
-    if since is None:
-        return None
-    return int(tracker.moment(since))

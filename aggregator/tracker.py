@@ -98,6 +98,11 @@ def moment(value: object) -> float:
     raise exceptions.InvalidType(f"at={value!r} is a {type(value).__name__}; pass an aware datetime or epoch seconds")
 
 
+def since_epoch(since: object) -> int | None:
+    """A ``since`` filter (aware datetime or epoch seconds, or None for all) as whole epoch seconds."""
+    return None if since is None else int(moment(since))
+
+
 class Tracker:
     """Pending per-window state of one replica, safe to call from any thread.
 
