@@ -1,8 +1,8 @@
 """A fake Snowplow collector: a real HTTP server on 127.0.0.1 that checks every event it receives.
 
 Stricter than a real collector (which accepts anything it can read and validates later, in enrichment):
-each POST to tp2 is checked against the payload_data and unstruct_event schemas in the shared Iglu
-directory and against the inner event's own schema shipped with aggregator; a request with any invalid
+each POST to tp2 is checked against Snowplow's payload_data and unstruct_event schemas (copied into
+``tests/iglu``) and against the inner event's own schema shipped with aggregator; a request with any invalid
 event is answered 400 and recorded in ``invalid``. Tests script failures with ``fail``, ``stall``
 and ``drop``, which apply to the next tp2 POSTs in the order they were scripted.
 """
@@ -33,12 +33,13 @@ PAYLOAD_DATA = "iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-
 UNSTRUCT_EVENT = "iglu:com.snowplowanalytics.snowplow/unstruct_event/jsonschema/1-0-0"
 IGLU_ENV = "AGGREGATOR_IGLU_DIR"
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
-REPO = Path(__file__).resolve().parents[2]
+# Inside the repository, so that a fresh clone with nothing beside it runs the whole suite.
+IGLU_DIR = Path(__file__).resolve().parents[1] / "iglu"
 
 
 def iglu_dir() -> Path:
-    """The shared reference Iglu schemas: ``$AGGREGATOR_IGLU_DIR`` or ``<repo>/../shared/iglu``."""
-    path = Path(os.environ.get(IGLU_ENV) or REPO.parent / "shared" / "iglu")
+    """The reference Iglu schemas: ``$AGGREGATOR_IGLU_DIR`` if set, else ``tests/iglu``."""
+    path = Path(os.environ.get(IGLU_ENV) or IGLU_DIR)
     if not path.is_dir():
         raise FileNotFoundError(
             f"the reference Iglu schemas are not at {path}; set {IGLU_ENV} to the directory holding "
