@@ -6,6 +6,7 @@ first event is tracked, so a request either counts every event or none.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hmac
 import time
@@ -97,8 +98,37 @@ class Accepted(BaseModel):
     accepted: int
 
 
+class ReportOut(BaseModel):
+    """One window's report (see the README); `id` is its position in the report stream."""
+
+    id: int
+    window_start: dt.datetime
+    window_end: dt.datetime
+    unique_workspaces: int
+    unique_users: int
+    allowed_requests: int
+    denied_requests: int
+    replicas: int = Field(description="replicas that contributed data of this window")
+    replicas_missing: int = Field(
+        ge=0, description="replica incarnations that may have held data of this window and were given up on "
+                          "(silent for replica_lease, or max_collect_delay reached); their data, if it comes, "
+                          "counts late in a later window")
+    complete: bool = Field(description="replicas_missing is 0")
+    late_allowed_requests: int
+    late_denied_requests: int
+    late_unique_workspaces: int
+    late_unique_users: int
+    generated_at: dt.datetime
+    generated_by: str
+
+    @classmethod
+    def of(cls, report: Report) -> ReportOut:
+        return cls(**{field.name: getattr(report, field.name) for field in dataclasses.fields(report)},
+                   complete=report.complete)
+
+
 class ReportPage(BaseModel):
-    reports: list[Report]
+    reports: list[ReportOut]
     next_cursor: str = Field(description="pass as `after` to get the reports that follow")
 
 
@@ -165,6 +195,7 @@ def build_app(agg: Aggregator, settings: config.DaemonSettings, counters: metric
                   docs_url=None, redoc_url=None)
     tokens = [(token.encode(), types) for token, types in config.token_scopes(settings.api_tokens)]
     limit = settings.max_body_bytes
+    tally = metrics.ReportTally()  # the report stream's completeness, counted on as /metrics is scraped
 
     def scope(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)]
               ) -> frozenset[str] | None:
@@ -271,7 +302,7 @@ def build_app(agg: Aggregator, settings: config.DaemonSettings, counters: metric
                    limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> ReportPage:
         """Finished reports in stream order, after the cursor. Retrying with the same cursor is safe."""
         found = await agg.areports(after=int(after), limit=limit)
-        return ReportPage(reports=found,
+        return ReportPage(reports=[ReportOut.of(r) for r in found],
                           next_cursor=str(found[-1].id if found else int(after)))
 
     @app.get("/v1/meters", response_model=MeterPage, responses=_PROBLEMS, dependencies=[Depends(authorized)])
@@ -306,11 +337,14 @@ def build_app(agg: Aggregator, settings: config.DaemonSettings, counters: metric
         """Open: Prometheus text exposition (no identifiers, no secrets)."""
         outbox: list[dict[str, Any]] | None
         overflow: list[dict[str, Any]] | None
+        shown: metrics.ReportTally | None = tally
         try:
             outbox, overflow = await agg.aoutbox(), await agg.aoverflow()
+            await tally.catch_up(lambda after, limit: agg.areports(after=after, limit=limit))
         except exceptions.StoreError:
-            outbox = overflow = None  # the database is away: the other figures still say so (flush lag, errors)
-        return PlainTextResponse(metrics.render(agg.status(), counters, outbox, overflow),
+            # The database is away: the other figures still say so (flush lag, errors).
+            outbox = overflow = shown = None
+        return PlainTextResponse(metrics.render(agg.status(), counters, outbox, overflow, shown),
                                  media_type=metrics.CONTENT_TYPE)
 
     @app.exception_handler(HTTPException)

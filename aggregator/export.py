@@ -3,7 +3,10 @@
 Two kinds: usage reports (``usage_report``) and billable usage events (``billable_usage``). A file holds
 the rows of one kind with ``since < id <= until``. Both ids follow commit order (the collector lock),
 so once ``until`` is visible that set never changes: the same range always gives the same bytes under
-the same name, and uploading it again overwrites the same object with the same content.
+the same name, and uploading it again overwrites the same object with the same content. That holds for
+one set of columns. Columns added later go at the end (``replicas_missing``, after ``generated_by``):
+readers by header name or by position of the old columns keep working, a strict COPY needs the column
+added to its table first, and a range exported before the upgrade gives longer rows if exported again.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Prometheus text exposition of the daemon's figures (format 0.0.4), without a client library.
 
-Counters of the API live here; the flusher's and collector's figures come from ``Aggregator.status()``.
+Counters of the API live here; the flusher's and collector's figures come from ``Aggregator.status()``,
+the outbox's and the report stream's from the database (those of every replica).
 """
 
 from __future__ import annotations
@@ -8,7 +9,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, ClassVar
+
+from aggregator import reports
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -21,9 +25,43 @@ class Counters:
     rejected: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
 
+@dataclasses.dataclass
+class ReportTally:
+    """Completeness of the report stream in the database, whichever replica wrote each report.
+
+    Reports never change and their ids follow commit order, so the stream is read once, onwards from
+    the last report counted; a report seen twice (two scrapes at once) counts once.
+    """
+
+    PAGE: ClassVar[int] = 1000  # reports per read
+    PAGES_PER_SCRAPE: ClassVar[int] = 20  # a long stream is caught up over several scrapes, each one quick
+
+    after: int = 0  # id of the newest report counted
+    incomplete: int = 0
+    last_replicas_missing: int | None = None  # of the newest report; None before the first report
+    caught_up: bool = False  # the figures hold every report; until then they are not shown
+
+    def add(self, page: Iterable[reports.Report]) -> None:
+        for report in page:
+            if report.id > self.after:
+                self.after = report.id
+                self.last_replicas_missing = report.replicas_missing
+                if not report.complete:
+                    self.incomplete += 1
+
+    async def catch_up(self, read: Callable[[int, int], Awaitable[Sequence[reports.Report]]]) -> None:
+        """Count the reports after ``after``; ``read(after, limit)`` gives them in id order."""
+        for _ in range(self.PAGES_PER_SCRAPE):
+            page = await read(self.after, self.PAGE)
+            self.add(page)
+            if len(page) < self.PAGE:
+                self.caught_up = True
+                return
+
+
 def render(status: dict[str, Any], counters: Counters, outbox: list[dict[str, Any]] | None = None,
-           overflow: list[dict[str, Any]] | None = None) -> str:
-    """The exposition; ``outbox`` and ``overflow`` are the store's summaries (None: not available)."""
+           overflow: list[dict[str, Any]] | None = None, tally: ReportTally | None = None) -> str:
+    """The exposition; ``outbox``, ``overflow`` and ``tally`` come from the database (None: not available)."""
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
@@ -81,6 +119,14 @@ def render(status: dict[str, Any], counters: Counters, outbox: list[dict[str, An
         metric("meter_overflow_records", "gauge",
                "Meter records in __overflow__ groups, by meter, over the windows the database keeps (all replicas).",
                [(f'{{meter="{r["meter"]}"}}', r["records"]) for r in overflow])
+    if tally is not None and tally.caught_up:
+        metric("reports_incomplete_total", "counter",
+               "Reports written with replicas missing (replicas_missing > 0), by any replica.",
+               [("", tally.incomplete)])
+        if tally.last_replicas_missing is not None:
+            metric("last_report_replicas_missing", "gauge",
+                   "Replica incarnations given up on in the newest report (0: complete).",
+                   [("", tally.last_replicas_missing)])
     errors = (flush.failures if flush else 0) + (collector.failures if collector else 0)
     metric("errors_total", "counter", "Errors of flushes and collections in this replica.", [("", errors)])
     return "\n".join(lines) + "\n"

@@ -169,6 +169,8 @@ class Deliverer:
     # ---- inside ----------------------------------------------------------------------------------
 
     def _envelope(self, row: dict[str, Any]) -> Envelope:
+        # The item's own schema, not today's: an item queued by an earlier version (a usage_report 1-0-0,
+        # without replicas_missing) is valid under the schema it was queued with, and goes out as such.
         data = self.pseudonymizer.apply(row["kind"], json.loads(row["payload"]))
         return Envelope(event_id=row["event_id"], kind=row["kind"], schema=row["schema_uri"],
                         occurred_at=row["occurred_at"], data=data, attempt=row["attempts"] + 1)

@@ -3,7 +3,9 @@
 ``allowed_requests`` and the other plain counts are the window's own traffic. ``late_*`` counts are
 traffic of earlier, already reported windows that reached the database while this window was open:
 the sum over all reports of ``allowed_requests + late_allowed_requests`` equals everything tracked.
-``late_unique_*`` count ids that were new to the window they belong to.
+``late_unique_*`` count ids that were new to the window they belong to. ``replicas_missing`` counts
+replica incarnations that may have held data of the window and were given up on before it was closed;
+a report is complete when it is 0 (their data, if it comes, is counted late in a later window).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Report:
     allowed_requests: int
     denied_requests: int
     replicas: int
+    replicas_missing: int
     late_allowed_requests: int
     late_denied_requests: int
     late_unique_workspaces: int
@@ -55,26 +58,34 @@ class Report:
             values[name] = to_datetime(values[name])
         return cls(**values)
 
+    @property
+    def complete(self) -> bool:
+        """No replica that may have held data of the window was given up on."""
+        return self.replicas_missing == 0
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: datetimes as ISO 8601 UTC strings."""
+        """JSON-ready: datetimes as ISO 8601 UTC strings. The fields only (the event payload): no ``complete``."""
         out = dataclasses.asdict(self)
         for name in ("window_start", "window_end", "generated_at"):
             out[name] = iso_utc(out[name])
         return out
 
 
-FIELDS = [field.name for field in dataclasses.fields(Report)]
+# CSV columns (``reports --format csv`` and the export): the first release's in their order, then the
+# fields added since, appended in the order they came, so no column ever moves.
+_ADDED = ("replicas_missing",)
+FIELDS = [field.name for field in dataclasses.fields(Report) if field.name not in _ADDED] + list(_ADDED)
 _TABLE_COLUMNS = [
     ("window_start", "window start (UTC)"), ("unique_workspaces", "workspaces"), ("unique_users", "users"),
     ("allowed_requests", "allowed"), ("denied_requests", "denied"), ("replicas", "replicas"),
-    ("late_allowed_requests", "late allowed"), ("late_denied_requests", "late denied"),
-    ("late_unique_users", "late users"),
+    ("replicas_missing", "missing"), ("late_allowed_requests", "late allowed"),
+    ("late_denied_requests", "late denied"), ("late_unique_users", "late users"),
 ]
 
 
 def format_json(reports: Iterable[Report]) -> str:
-    """One JSON object per line."""
-    return "".join(json.dumps(r.to_dict(), sort_keys=True) + "\n" for r in reports)
+    """One JSON object per line: the fields, and ``complete``."""
+    return "".join(json.dumps({**r.to_dict(), "complete": r.complete}, sort_keys=True) + "\n" for r in reports)
 
 
 def format_csv(reports: Iterable[Report]) -> str:

@@ -12,9 +12,11 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from aggregator import api, config, metrics, store
+from aggregator import api, config, metrics, reports, store
+from aggregator.reports import Report
 from aggregator.runtime import Aggregator
 from tests.helpers import GRACE, T0, WINDOW, FakeClock, manual
+from tests.test_export import insert_report
 
 TOKEN = "t0ken-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -139,6 +141,82 @@ async def test_reports_are_pulled_in_order_with_a_cursor(client: tuple) -> None:
     assert [r["id"] for r in pulled] == sorted({r["id"] for r in pulled})
     assert (await http.get("/v1/reports", params={"after": "-1"}, headers=AUTH)).status_code == 422
     assert GRACE  # windows were due only after their grace
+
+
+async def test_a_pulled_report_says_how_many_replicas_it_misses_and_whether_it_is_complete(
+        client: tuple, database_url: str) -> None:
+    """Each report carries replicas_missing and complete (replicas_missing == 0), also in the OpenAPI schema."""
+    http, _, _ = client
+    complete = await insert_report(database_url, T0)
+    incomplete = await insert_report(database_url, T0 + WINDOW, replicas_missing=2)
+    page = (await http.get("/v1/reports", headers=AUTH)).json()
+    assert [(complete, 0, True), (incomplete, 2, False)] == [
+        (r["id"], r["replicas_missing"], r["complete"]) for r in page["reports"]]
+    expected = {"window_start": "2027-01-15T08:01:00Z", "replicas": 1, "generated_by": "collector-1"}
+    assert expected == {k: page["reports"][1][k] for k in expected}
+    spec = (await http.get("/openapi.json")).json()
+    report = spec["components"]["schemas"]["ReportOut"]
+    assert {"replicas_missing", "complete"} <= set(report["required"])
+    assert (report["properties"]["replicas_missing"]["type"], report["properties"]["complete"]["type"]) == (
+        "integer", "boolean")
+    assert spec["components"]["schemas"]["ReportPage"]["properties"]["reports"]["items"] == {
+        "$ref": "#/components/schemas/ReportOut"}
+
+
+def test_the_report_model_has_every_report_field_and_complete() -> None:
+    """The API's report model follows Report: a field added there must be added here."""
+    assert {*reports.FIELDS, "complete"} == set(api.ReportOut.model_fields)
+
+
+async def test_metrics_count_incomplete_reports_of_every_replica(client: tuple, database_url: str) -> None:
+    """/metrics counts the reports in the database that miss replicas, whoever wrote them, and shows the newest
+    report's replicas_missing; reports written after a scrape are counted at the next one."""
+    http, _, _ = client
+    text = (await http.get("/metrics")).text
+    assert "aggregator_reports_incomplete_total 0\n" in text
+    assert "aggregator_last_report_replicas_missing" not in text  # no report yet
+    await insert_report(database_url, T0, replicas_missing=2)
+    await insert_report(database_url, T0 + WINDOW)
+    text = (await http.get("/metrics")).text
+    assert "# TYPE aggregator_reports_incomplete_total counter\naggregator_reports_incomplete_total 1\n" in text
+    assert "# TYPE aggregator_last_report_replicas_missing gauge\naggregator_last_report_replicas_missing 0\n" in text
+    await insert_report(database_url, T0 + 2 * WINDOW, replicas_missing=3)
+    text = (await http.get("/metrics")).text
+    assert "aggregator_reports_incomplete_total 2\n" in text
+    assert "aggregator_last_report_replicas_missing 3\n" in text
+
+
+async def test_report_tally_reads_the_stream_once_and_shows_only_whole_figures(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long stream is read a few pages per scrape, onwards from the last report counted; the figures are
+    shown once every report is counted, and a page read twice (scrapes at once) counts once."""
+    monkeypatch.setattr(metrics.ReportTally, "PAGE", 2)
+    monkeypatch.setattr(metrics.ReportTally, "PAGES_PER_SCRAPE", 2)
+    stream = [report(n, missing) for n, missing in enumerate([0, 1, 0, 2, 0, 0, 4], start=1)]
+    reads: list[int] = []
+
+    async def read(after: int, limit: int) -> list[Report]:
+        reads.append(after)
+        return [r for r in stream if r.id > after][:limit]
+
+    tally = metrics.ReportTally()
+    await tally.catch_up(read)
+    assert (reads, tally.caught_up) == ([0, 2], False)
+    assert "aggregator_reports_incomplete_total" not in metrics.render({"pending_events": 0}, metrics.Counters(),
+                                                                       tally=tally)
+    tally.add(stream[:4])  # a concurrent scrape's page: already counted
+    await tally.catch_up(read)
+    assert (reads[2:], tally.caught_up, tally.incomplete, tally.last_replicas_missing) == ([4, 6], True, 3, 4)
+    text = metrics.render({"pending_events": 0}, metrics.Counters(), tally=tally)
+    assert "aggregator_reports_incomplete_total 3\n" in text and "aggregator_last_report_replicas_missing 4\n" in text
+
+
+def report(number: int, replicas_missing: int) -> Report:
+    start = dt.datetime.fromtimestamp(T0 + number * WINDOW, dt.timezone.utc)
+    return Report(id=number, window_start=start, window_end=start + dt.timedelta(seconds=WINDOW), unique_workspaces=1,
+                  unique_users=1, allowed_requests=1, denied_requests=0, replicas=1, replicas_missing=replicas_missing,
+                  late_allowed_requests=0, late_denied_requests=0, late_unique_workspaces=0, late_unique_users=0,
+                  generated_at=start, generated_by="c")
 
 
 async def test_health_metrics_and_openapi(client: tuple) -> None:

@@ -48,13 +48,36 @@ def test_reports_in_every_format(database_url: str) -> None:
     rows = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert [(r["window_start"], r["unique_users"], r["allowed_requests"], r["denied_requests"]) for r in rows] == [
         ("2027-01-15T08:00:00Z", 1, 3, 0), ("2027-01-15T08:01:00Z", 1, 0, 2)]
-    assert {"window_end", "unique_workspaces", "replicas", "late_allowed_requests", "late_denied_requests",
-            "late_unique_users", "late_unique_workspaces", "generated_at"} <= set(rows[0])
+    assert {"window_end", "unique_workspaces", "replicas", "replicas_missing", "complete", "late_allowed_requests",
+            "late_denied_requests", "late_unique_users", "late_unique_workspaces", "generated_at"} <= set(rows[0])
     as_csv = aggregator("reports", "--format", "csv", "--since", "2027-01-15T08:01:00Z",
                         env={"AGGREGATOR_DATABASE_URL": database_url})
     assert [r["allowed_requests"] for r in csv.DictReader(io.StringIO(as_csv.stdout))] == ["0"]
     table = aggregator("reports", "--database-url", database_url)
     assert "2027-01-15 08:00:00" in table.stdout and "workspaces" in table.stdout
+
+
+def test_reports_show_replicas_missing_in_every_format(database_url: str) -> None:
+    """An incomplete report shows replicas_missing in the table, JSON lines (with complete) and CSV (last column)."""
+    import asyncio
+
+    from tests.test_export import insert_report
+
+    asyncio.run(insert_report(database_url, T0, allowed_requests=4))
+    asyncio.run(insert_report(database_url, T0 + WINDOW, replicas_missing=2, allowed_requests=5))
+    as_json = aggregator("reports", "--format", "json", "--database-url", database_url)
+    assert as_json.returncode == 0, as_json.stderr
+    rows = [json.loads(line) for line in as_json.stdout.splitlines()]
+    expected = [(4, 0, True), (5, 2, False)]
+    assert expected == [(r["allowed_requests"], r["replicas_missing"], r["complete"]) for r in rows]
+    as_csv = aggregator("reports", "--format", "csv", "--database-url", database_url).stdout
+    assert as_csv.splitlines()[0].endswith(",generated_by,replicas_missing")
+    expected_csv = [("4", "0"), ("5", "2")]
+    assert expected_csv == [(r["allowed_requests"], r["replicas_missing"]) for r in csv.DictReader(io.StringIO(as_csv))]
+    header, _rule, *lines = aggregator("reports", "--database-url", database_url).stdout.splitlines()
+    assert header.split() == ["window", "start", "(UTC)", "workspaces", "users", "allowed", "denied", "replicas",
+                              "missing", "late", "allowed", "late", "denied", "late", "users"]
+    assert [line.split()[6:8] for line in lines] == [["1", "0"], ["1", "2"]]  # replicas, missing
 
 
 def test_bad_option_value_exits_2_naming_it(sqlite_url: str) -> None:

@@ -13,7 +13,7 @@ from aggregator import Aggregator, schema, store
 from aggregator.store.outbox import event_id
 from tests.fakes.snowplow import FakeCollector
 from tests.helpers import T0, FakeClock, ids, manual
-from tests.test_outbox import KEY, items, wait_for
+from tests.test_outbox import KEY, USAGE_REPORT_1_0_0, items, queue_before_and_after_upgrade, wait_for
 
 WINDOWS = 6
 
@@ -96,7 +96,8 @@ async def test_memory_stays_bounded_while_the_collector_is_down(database_url: st
     db = store.Store(database_url)
     try:
         report = {"id": 1, "window_start": T0, "window_end": T0 + 60, "unique_workspaces": 1, "unique_users": 1,
-                  "allowed_requests": 1, "denied_requests": 0, "replicas": 1, "late_allowed_requests": 0,
+                  "allowed_requests": 1, "denied_requests": 0, "replicas": 1, "replicas_missing": 0,
+                  "late_allowed_requests": 0,
                   "late_denied_requests": 0, "late_unique_workspaces": 0, "late_unique_users": 0,
                   "generated_at": T0 + 70, "generated_by": "c"}
         async with db.transaction() as conn:  # 2,000 queued items, inserted the way collect_window does
@@ -138,3 +139,29 @@ def test_stop_drains_queued_reports_to_the_collector(database_url: str) -> None:
         assert collector.good_ids() == []
         agg.stop()
         assert set(collector.good_ids()) == expected_ids(3)
+
+
+async def test_an_item_queued_as_1_0_0_before_the_upgrade_reaches_the_collector_valid(database_url: str) -> None:
+    """Across the upgrade to usage_report 1-0-1: the item queued as 1-0-0 and the new 1-0-1 one both pass the
+    collector's validation (each against its own schema) and are delivered; nothing is dead-lettered."""
+    from aggregator import outbox, writers
+
+    clock = FakeClock(T0 + 1000)
+    db = store.Store(database_url)
+    try:
+        await queue_before_and_after_upgrade(db, ["snowplow"], clock.t)
+        with FakeCollector() as collector:
+            writer = writers.build("snowplow", {"collector": collector.url, "timeout": "5s"})
+            deliverer = outbox.Deliverer(db, [writer], outbox.privacy.Pseudonymizer(KEY), claimer="me", clock=clock)
+            await writer.open()
+            try:
+                assert await deliverer.deliver_once(writer) == 2
+            finally:
+                await writer.close()
+        delivered = ["delivered", "delivered"]
+        assert delivered == [i["status"] for i in await db.outbox_items()]
+    finally:
+        await db.close()
+    assert collector.invalid == []
+    expected = [(USAGE_REPORT_1_0_0, None), ("iglu:dev.aggregator/usage_report/jsonschema/1-0-1", 2)]
+    assert expected == [(e["schema"], e["data"].get("replicas_missing")) for e in collector.good]

@@ -65,6 +65,27 @@ async def add_reports(url: str, clock: FakeClock, count: int) -> list[Report]:
         return await agg.acollect()
 
 
+async def insert_report(url: str, window_start: int, *, replicas_missing: int | None = None, **counts: int) -> int:
+    """One report row written straight into the reports table (as a collector of any version would); its id.
+
+    ``replicas_missing=None`` leaves the column out, as a collector from before the column does.
+    """
+    row: dict[str, Any] = {name: 0 for name in ("unique_workspaces", "unique_users", "allowed_requests",
+                                                 "denied_requests", "late_allowed_requests", "late_denied_requests",
+                                                 "late_unique_workspaces", "late_unique_users")}
+    row.update(window_start=window_start, window_end=window_start + WINDOW, replicas=1,
+               generated_at=float(window_start + WINDOW + 5), generated_by="collector-1", **counts)
+    if replicas_missing is not None:
+        row["replicas_missing"] = replicas_missing
+    db = store.Store(url)
+    try:
+        async with db.transaction() as conn:
+            return int((await conn.execute(sa.insert(schema.reports).values(**row)
+                                           .returning(schema.reports.c.id))).scalar_one())
+    finally:
+        await db.close()
+
+
 def content(result: export.ExportResult) -> bytes:
     assert result.path is not None
     return result.path.read_bytes()
@@ -91,6 +112,28 @@ async def test_first_export_holds_a_header_and_every_report(db: store.Store, dat
     assert "\r" not in text
     leftovers = [p.name for p in result.path.parent.iterdir() if p != result.path]
     assert (stat.S_IMODE(result.path.stat().st_mode), leftovers) == (0o640, [])
+
+
+# The columns of the first release, in their order: a loader that reads by position relies on it.
+COLUMNS_1_0 = ("id,window_start,window_end,unique_workspaces,unique_users,allowed_requests,denied_requests,"
+               "replicas,late_allowed_requests,late_denied_requests,late_unique_workspaces,late_unique_users,"
+               "generated_at,generated_by")
+
+
+async def test_replicas_missing_is_the_last_column_after_the_old_ones(db: store.Store, database_url: str,
+                                                                       tmp_path: Path) -> None:
+    """The columns of the first release keep their order; replicas_missing is appended; an incomplete report
+    shows how many replicas it misses, and a row written without the column reads 0."""
+    old = await insert_report(database_url, T0)
+    incomplete = await insert_report(database_url, T0 + WINDOW, replicas_missing=2, allowed_requests=9)
+    result = await export.export_csv(db, privacy.Pseudonymizer(KEY), since=0, out_dir=tmp_path / "out")
+    assert result.path is not None
+    header, *lines = result.path.read_text().splitlines()
+    assert COLUMNS_1_0 + ",replicas_missing" == header == ",".join(reports.FIELDS)
+    digest_ = digest("collector-1")
+    assert [f"{old},2027-01-15T08:00:00Z,2027-01-15T08:01:00Z,0,0,0,0,1,0,0,0,0,2027-01-15T08:01:05Z,{digest_},0",
+            f"{incomplete},2027-01-15T08:01:00Z,2027-01-15T08:02:00Z,0,0,9,0,1,0,0,0,0,2027-01-15T08:02:05Z,"
+            f"{digest_},2"] == lines
 
 
 async def test_same_cursor_gives_the_same_name_and_bytes(db: store.Store, database_url: str, clock: FakeClock,

@@ -12,13 +12,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
-from aggregator import ConfigError, writers
+from aggregator import ConfigError, iglu, writers
 from aggregator.writers import Envelope, Outcome, jsonl
 from tests.helpers import T0, FakeClock
+from tests.test_snowplow import USAGE_REPORT_1_0_0, old_report_data, report_data
 
-SCHEMA = "iglu:dev.aggregator/usage_report/jsonschema/1-0-0"
+SCHEMA = iglu.USAGE_REPORT
 NAME = re.compile(r"^aggregator-\d{8}T\d{6}\.\d{6}Z-\d+\.jsonl$")
 
 
@@ -275,3 +277,21 @@ async def test_an_envelope_that_is_not_json_is_rejected_alone(tmp_path: Path) ->
     await w.close()
     assert [o.status for o in outcomes] == ["delivered", "rejected", "rejected"]
     assert [line["data"]["n"] for line in lines(files(tmp_path))] == [0]
+
+
+async def test_report_lines_validate_against_the_schema_they_name(tmp_path: Path) -> None:
+    """A report line names usage_report 1-0-1 and carries replicas_missing; an item queued as 1-0-0 keeps
+    its schema and payload. Each line's data is valid under the schema the line names."""
+    current = Envelope(event_id=uuid.UUID(int=1), kind="usage_report", schema=iglu.USAGE_REPORT, occurred_at=T0,
+                       data=report_data(1, replicas_missing=2))
+    queued_before = Envelope(event_id=uuid.UUID(int=2), kind="usage_report", schema=USAGE_REPORT_1_0_0,
+                             occurred_at=T0, data=old_report_data(2))
+    w = writer(tmp_path)
+    await w.open()
+    assert [Outcome.delivered()] * 2 == await w.send([current, queued_before])
+    await w.close()
+    written = lines(files(tmp_path))
+    expected = [("iglu:dev.aggregator/usage_report/jsonschema/1-0-1", 2), (USAGE_REPORT_1_0_0, None)]
+    assert expected == [(line["schema"], line["data"].get("replicas_missing")) for line in written]
+    for line in written:
+        jsonschema.Draft4Validator(iglu.load(line["schema"])).validate(line["data"])

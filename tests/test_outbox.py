@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jsonschema
 import pytest
+import sqlalchemy as sa
 
-from aggregator import ConfigError, Report, outbox, store, writers
+from aggregator import ConfigError, Report, iglu, outbox, schema, store, writers
 from aggregator.writers import Envelope, Outcome
 from tests.helpers import T0, FakeClock, ids, manual
 
@@ -69,6 +72,34 @@ def one_report(database_url: str, clock: FakeClock, **kwargs: Any) -> Any:
     return agg
 
 
+USAGE_REPORT_1_0_0 = "iglu:dev.aggregator/usage_report/jsonschema/1-0-0"
+
+
+async def queue_before_and_after_upgrade(db: store.Store, writers: Sequence[str], now: float) -> None:
+    """Two reports queued for ``writers``: window T0 as the version before replicas_missing queued it (schema
+    1-0-0, a payload without the field, a row without the column), then window T0+60 by this version
+    with replicas_missing=2 (through the store's own enqueue, as collect_window does)."""
+    fields = {"unique_workspaces": 1, "unique_users": 3, "allowed_requests": 5, "denied_requests": 0, "replicas": 1,
+              "late_allowed_requests": 0, "late_denied_requests": 0, "late_unique_workspaces": 0,
+              "late_unique_users": 0, "generated_by": "collector-1"}
+    async with db.transaction() as conn:
+        old = {"window_start": T0, "window_end": T0 + 60, "generated_at": T0 + 70.0, **fields}
+        old["id"] = (await conn.execute(sa.insert(schema.reports).values(**old)
+                                        .returning(schema.reports.c.id))).scalar_one()
+        payload = {k: v for k, v in Report.from_row({**old, "replicas_missing": 0}).to_dict().items()
+                   if k != "replicas_missing"}
+        await conn.execute(sa.insert(schema.outbox), [
+            {"writer": writer, "event_id": outbox.store.outbox.event_id("usage_report", T0, writer),
+             "kind": "usage_report", "schema_uri": USAGE_REPORT_1_0_0, "occurred_at": old["generated_at"],
+             "payload": json.dumps(payload, sort_keys=True), "report_id": old["id"], "status": "pending",
+             "attempts": 0, "next_attempt_at": now, "created_at": now} for writer in writers])
+        new = {"window_start": T0 + 60, "window_end": T0 + 120, "generated_at": T0 + 130.0, "replicas_missing": 2,
+               **fields}
+        new["id"] = (await conn.execute(sa.insert(schema.reports).values(**new)
+                                        .returning(schema.reports.c.id))).scalar_one()
+        await db._enqueue_report(conn, new, writers, now)
+
+
 async def items(url: str, **kwargs: Any) -> list[dict[str, Any]]:
     db = store.Store(url)
     try:
@@ -91,7 +122,9 @@ def test_report_is_delivered_once_per_writer_pseudonymized_with_a_stable_event_i
     envelope = first.delivered[0]
     expected = dict(report.to_dict(), generated_by=hmac.new(KEY.encode(), report.generated_by.encode(),
                                                              hashlib.sha256).hexdigest())
-    assert (envelope.kind, dict(envelope.data), envelope.attempt) == ("usage_report", expected, 1)
+    assert "replicas_missing" in expected
+    assert (envelope.kind, envelope.schema, dict(envelope.data), envelope.attempt) == (
+        "usage_report", "iglu:dev.aggregator/usage_report/jsonschema/1-0-1", expected, 1)
     assert envelope.event_id == outbox.store.outbox.event_id("usage_report", T0, "first") != \
         second.delivered[0].event_id
     assert [(i["writer"], i["status"], i["attempts"]) for i in asyncio.run(items(database_url))] == [
@@ -260,6 +293,29 @@ def test_reports_and_their_outbox_items_are_written_together(database_url: str) 
     rows = asyncio.run(items(database_url))
     assert sorted((r["report_id"], r["writer"]) for r in rows) == sorted(
         (r.id, w) for r in reports for w in ("a", "b"))
+
+
+async def test_an_item_queued_before_the_upgrade_keeps_its_schema_and_payload(database_url: str) -> None:
+    """An item queued as usage_report 1-0-0 is delivered as it was queued: schema 1-0-0, no replicas_missing;
+    a report queued now goes as 1-0-1 with replicas_missing. Each is valid under its own schema."""
+    clock = FakeClock(T0 + 1000)
+    db = store.Store(database_url)
+    writer = Scripted("primary")
+    try:
+        await queue_before_and_after_upgrade(db, ["primary"], clock.t)
+        deliverer = outbox.Deliverer(db, [writer], outbox.privacy.Pseudonymizer(KEY), claimer="me", clock=clock)
+        assert await deliverer.deliver_once(writer) == 2
+        delivered = [("delivered", 1)] * 2
+        assert delivered == [(i["status"], i["attempts"]) for i in await db.outbox_items()]
+    finally:
+        await db.close()
+    sent = [(e.schema, e.data["window_start"], e.data.get("replicas_missing")) for e in writer.delivered]
+    expected = [(USAGE_REPORT_1_0_0, "2027-01-15T08:00:00Z", None),
+                ("iglu:dev.aggregator/usage_report/jsonschema/1-0-1", "2027-01-15T08:01:00Z", 2)]
+    assert expected == sent
+    for envelope in writer.delivered:
+        jsonschema.Draft4Validator(iglu.load(envelope.schema)).validate(dict(envelope.data))
+    assert len(writer.delivered[0].data["generated_by"]) == 64  # pseudonymized like any other item
 
 
 @pytest.fixture(autouse=True)

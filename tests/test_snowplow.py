@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 import structlog
 from structlog.testing import capture_logs
@@ -30,15 +31,25 @@ def report_data(number: int = 1, **changes: Any) -> dict[str, Any]:
     start = dt.datetime(2027, 1, 15, 12, 0, tzinfo=UTC)
     report = reports.Report(
         id=number, window_start=start, window_end=start + dt.timedelta(minutes=1), unique_workspaces=3,
-        unique_users=7, allowed_requests=100 + number, denied_requests=2, replicas=2, late_allowed_requests=0,
-        late_denied_requests=0, late_unique_workspaces=0, late_unique_users=0, generated_at=GENERATED_AT,
-        generated_by="ab" * 32)
+        unique_users=7, allowed_requests=100 + number, denied_requests=2, replicas=2, replicas_missing=0,
+        late_allowed_requests=0, late_denied_requests=0, late_unique_workspaces=0, late_unique_users=0,
+        generated_at=GENERATED_AT, generated_by="ab" * 32)
     return {**report.to_dict(), **changes}
 
 
-def envelope(number: int = 1, **changes: Any) -> writers.Envelope:
-    return writers.Envelope(event_id=uuid.uuid4(), kind="usage_report", schema=iglu.USAGE_REPORT,
+def envelope(number: int = 1, *, schema: str = iglu.USAGE_REPORT, **changes: Any) -> writers.Envelope:
+    return writers.Envelope(event_id=uuid.uuid4(), kind="usage_report", schema=schema,
                             occurred_at=GENERATED_AT.timestamp(), data=report_data(number, **changes))
+
+
+USAGE_REPORT_1_0_0 = "iglu:dev.aggregator/usage_report/jsonschema/1-0-0"
+
+
+def old_report_data(number: int = 1) -> dict[str, Any]:
+    """A report as queued before replicas_missing existed (schema 1-0-0)."""
+    data = report_data(number)
+    del data["replicas_missing"]
+    return data
 
 
 def envelopes(n: int) -> list[writers.Envelope]:
@@ -223,8 +234,52 @@ async def test_unreachable_collector_is_retried() -> None:
         await writer.close()
 
 
+async def test_an_incomplete_report_is_sent_as_1_0_1_with_replicas_missing(collector: FakeCollector) -> None:
+    """Reports go out under usage_report 1-0-1, replicas_missing included; the collector validates them
+    against the shipped 1-0-1 schema."""
+    batch = [envelope(1, replicas_missing=2), envelope(2)]
+    async with opened(collector) as writer:
+        assert statuses(await writer.send(batch)) == ["delivered"] * 2
+    assert collector.invalid == []
+    expected = [("iglu:dev.aggregator/usage_report/jsonschema/1-0-1", 2),
+                ("iglu:dev.aggregator/usage_report/jsonschema/1-0-1", 0)]
+    assert expected == [(e["schema"], e["data"]["replicas_missing"]) for e in collector.good]
+
+
+async def test_an_item_queued_as_1_0_0_is_validated_and_sent_as_1_0_0(collector: FakeCollector) -> None:
+    """An envelope keeps the schema it was queued with: a 1-0-0 report (no replicas_missing) is valid and goes
+    out as 1-0-0; replicas_missing is not a 1-0-0 field, so 1-0-0 data carrying it is rejected."""
+    old = writers.Envelope(event_id=uuid.uuid4(), kind="usage_report", schema=USAGE_REPORT_1_0_0,
+                           occurred_at=GENERATED_AT.timestamp(), data=old_report_data(1))
+    mixed = envelope(2, schema=USAGE_REPORT_1_0_0, replicas_missing=1)
+    async with opened(collector) as writer:
+        outcomes = await writer.send([old, mixed])
+    assert statuses(outcomes) == ["delivered", "rejected"]
+    assert "does not match iglu:dev.aggregator/usage_report/jsonschema/1-0-0" in (outcomes[1].error or "")
+    assert [(USAGE_REPORT_1_0_0, old_report_data(1))] == [(e["schema"], e["data"]) for e in collector.good]
+    assert collector.invalid == []
+
+
+def test_usage_report_1_0_1_is_1_0_0_plus_one_optional_field() -> None:
+    """A SchemaVer ADDITION: the same schema but for replicas_missing (an optional integer >= 0), so every
+    1-0-0 event is valid under 1-0-1; both versions are shipped and valid Draft 4."""
+    old, new = iglu.load(USAGE_REPORT_1_0_0), iglu.load(iglu.USAGE_REPORT)
+    for schema in (old, new):
+        jsonschema.Draft4Validator.check_schema(schema)
+    added = new["properties"]["replicas_missing"]
+    assert (added["type"], added["minimum"], "replicas_missing" in new["required"]) == ("integer", 0, False)
+    assert {"version": "1-0-1"} | {k: v for k, v in old["self"].items() if k != "version"} == new["self"]
+    same = ("$schema", "type", "required", "additionalProperties")
+    assert [old[k] for k in same] == [new[k] for k in same]
+    assert old["properties"] == {k: v for k, v in new["properties"].items() if k != "replicas_missing"}
+    assert jsonschema.Draft4Validator(new).is_valid(old_report_data(1))
+    assert not jsonschema.Draft4Validator(new).is_valid(report_data(1, replicas_missing=-1))
+
+
 @pytest.mark.parametrize(("changes", "path"), [
     ({"unique_users": -1}, "$.unique_users"),
+    ({"replicas_missing": -1}, "$.replicas_missing"),
+    ({"replicas_missing": "2"}, "$.replicas_missing"),
     ({"window_start": "yesterday"}, "$.window_start"),
     ({"surprise": 1}, "$"),
 ])

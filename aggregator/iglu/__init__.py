@@ -7,7 +7,9 @@ import json
 from importlib import resources
 from typing import Any
 
-USAGE_REPORT = "iglu:dev.aggregator/usage_report/jsonschema/1-0-0"
+# The version reports are sent with. Earlier versions stay shipped: an outbox item keeps the schema it
+# was queued with (1-0-0 before ``replicas_missing``), and is validated and delivered under it.
+USAGE_REPORT = "iglu:dev.aggregator/usage_report/jsonschema/1-0-1"
 
 
 @functools.cache

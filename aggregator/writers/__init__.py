@@ -30,7 +30,7 @@ class Envelope:
 
     event_id: uuid.UUID  # stable per (item, writer): receivers drop duplicates by it
     kind: str  # "usage_report", ...
-    schema: str  # Iglu URI of ``data``'s JSON Schema, e.g. iglu:dev.aggregator/usage_report/jsonschema/1-0-0
+    schema: str  # Iglu URI of ``data``'s JSON Schema as queued, e.g. iglu:dev.aggregator/usage_report/jsonschema/1-0-1
     occurred_at: float  # epoch seconds of what the item describes (a report: its generation time)
     data: Mapping[str, Any]
     attempt: int = 1  # 1 on the first try
