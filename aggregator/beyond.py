@@ -107,7 +107,8 @@ class MetersAndExperiences:
     def _read(self, action: Callable[[store.Store], Coroutine[Any, Any, T]]) -> T:
         """Run a read on this aggregator's store, or on a short-lived one when it is not running."""
         async def read() -> T:
-            db = self._store if self._store is not None else store.Store(self.settings.database_url, pool_size=1)
+            db = self._store if self._store is not None else store.Store(self.settings.database_url, pool_size=1,
+                                                                                pooler=self.settings.database_pooler)
             try:
                 return await action(db)
             finally:

@@ -10,15 +10,23 @@ import argparse
 import asyncio
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
-from aggregator import config, exceptions, logs, migrate, reports, runtime
+from aggregator import config, exceptions, flush, logs, migrate, reports, runtime
 
 
 def _env_option(parser: argparse.ArgumentParser, flag: str, env: str, help: str, **kwargs: Any) -> None:
     default = os.environ.get(env, kwargs.pop("default", None))
     parser.add_argument(flag, default=default, help=f"{help} [env: {env}; default: %(default)s]", **kwargs)
+
+
+def _database_options(parser: argparse.ArgumentParser, url_help: str = "database URL") -> None:
+    _env_option(parser, "--database-url", "AGGREGATOR_DATABASE_URL", url_help)
+    _env_option(parser, "--database-pooler", "AGGREGATOR_DATABASE_POOLER",
+                "connection pooler in front of PostgreSQL: none, or transaction (PgBouncer pool_mode = transaction)",
+                default="none")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,22 +45,29 @@ def build_parser() -> argparse.ArgumentParser:
     _daemon_options(check)
     check.set_defaults(run=_config_check)
 
+    collect = commands.add_parser(
+        "collect", help="report every finished window now and exit (after a fleet stops; cron, systemd timers)")
+    _daemon_options(collect)
+    collect.add_argument("--wait", default="0s", metavar="DURATION",
+                         help="wait up to this long for windows held by live replicas' watermarks (e.g. 5m)")
+    collect.set_defaults(run=_collect)
+
     db = commands.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True,
                                                                             metavar="DB_COMMAND")
     upgrade = db.add_parser("upgrade", help="apply schema migrations up to the newest")
-    _env_option(upgrade, "--database-url", "AGGREGATOR_DATABASE_URL",
-                "database URL (postgresql://... or sqlite:///path); unset means the embedded SQLite file")
+    _database_options(upgrade,
+                      "database URL (postgresql://... or sqlite:///path); unset means the embedded SQLite file")
     upgrade.set_defaults(run=_db_upgrade)
 
     report = commands.add_parser("reports", help="print finished reports, oldest first")
-    _env_option(report, "--database-url", "AGGREGATOR_DATABASE_URL", "database URL")
+    _database_options(report)
     _env_option(report, "--since", "AGGREGATOR_SINCE", "only windows starting at or after this ISO 8601 time")
     _env_option(report, "--format", "AGGREGATOR_FORMAT", "output format", default="table",
                 choices=["table", "json", "csv"])
     report.set_defaults(run=_reports)
 
     export = commands.add_parser("export", help="write reports after a cursor to an idempotent CSV file")
-    _env_option(export, "--database-url", "AGGREGATOR_DATABASE_URL", "database URL")
+    _database_options(export)
     export.add_argument("--format", default="csv", choices=["csv"], help="file format [default: csv]")
     export.add_argument("--kind", default="usage_report", choices=["usage_report", "billable_usage"],
                         help="what to export: reports, or billable usage events [default: usage_report]")
@@ -67,13 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_export)
 
     meter = commands.add_parser("meters", help="per-window results of declared meters, oldest first")
-    _env_option(meter, "--database-url", "AGGREGATOR_DATABASE_URL", "database URL")
+    _database_options(meter)
     meter.add_argument("--meter", default=None, help="only this meter")
     meter.add_argument("--format", default="table", choices=["table", "json"])
     meter.set_defaults(run=_meters)
 
     journeys = commands.add_parser("experiences", help="SLIs per window, experience and urgency, oldest first")
-    _env_option(journeys, "--database-url", "AGGREGATOR_DATABASE_URL", "database URL")
+    _database_options(journeys)
     journeys.add_argument("--format", default="table", choices=["table", "json"])
     journeys.set_defaults(run=_experiences)
 
@@ -92,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--since", type=int, default=0, help="queue reports with id above this [default: 0]")
     for sub, handler in ((status, _outbox_status), (items, _outbox_list), (retry, _outbox_retry),
                          (enqueue, _outbox_enqueue)):
-        _env_option(sub, "--database-url", "AGGREGATOR_DATABASE_URL", "database URL")
+        _database_options(sub)
         if sub is not retry and sub is not enqueue:
             sub.add_argument("--format", default="table", choices=["table", "json"])
         sub.set_defaults(run=handler)
@@ -160,8 +175,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _collect(args: argparse.Namespace) -> int:
+    """Collect every due window with the configured writers, meters and billing; exit 1 if some stay held."""
+    wait = config.parse_duration(args.wait, key="--wait", zero=True)
+    settings = _daemon_settings(args)
+    agg = runtime.Aggregator.from_settings(settings.aggregator, handle_sigterm=False)
+    deadline = time.monotonic() + wait
+    agg.start(wait=max(wait, 10.0))
+    written: list[reports.Report] = []
+    # A window that ended less than a watermark's slack ago is held by this very process (its watermark
+    # trails its clock by the slack): let it pass before the first collection.
+    since_end = time.time() % settings.aggregator.window_seconds
+    if since_end < flush.WATERMARK_SLACK:
+        time.sleep(flush.WATERMARK_SLACK - since_end + 0.05)
+    try:
+        while True:
+            written += agg.collect()
+            held = agg._call(agg.aheld_windows)
+            if not held or time.monotonic() >= deadline:
+                break
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    finally:
+        agg.stop()
+    for report in written:
+        missing = f", {report.replicas_missing} replica(s) missing" if report.replicas_missing else ""
+        print(f"reported {reports.iso_utc(report.window_start)} (id {report.id}){missing}")
+    print(f"collected {len(written)} report(s)")
+    if held:
+        print(f"aggregator: {len(held)} finished window(s) still held by live replicas' watermarks, from "
+              f"{reports.iso_utc(held[0])}; wait longer (--wait), or for their replica_lease", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _db_upgrade(args: argparse.Namespace) -> int:
-    before, after = asyncio.run(migrate.upgrade_url(config.resolve_database_url(args.database_url)))
+    before, after = asyncio.run(migrate.upgrade_url(config.resolve_database_url(args.database_url),
+                                                    pooler=config.resolve_database_pooler(args.database_pooler)))
     url = config.mask_url(config.resolve_database_url(args.database_url))
     if before == after:
         print(f"{url}: schema already at {after}")
@@ -182,7 +231,8 @@ def _reports(args: argparse.Namespace) -> int:
                 f"--since={args.since!r} is not an ISO 8601 time; use e.g. 2026-01-31T12:00:00Z") from None
         since = int((parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)).timestamp())
 
-    found = asyncio.run(runtime.read_reports(config.resolve_database_url(args.database_url), since))
+    found = asyncio.run(runtime.read_reports(config.resolve_database_url(args.database_url), since,
+                                             pooler=config.resolve_database_pooler(args.database_pooler)))
     formatter = {"table": reports.format_table, "json": reports.format_json, "csv": reports.format_csv}[args.format]
     sys.stdout.write(formatter(found))
     return 0
@@ -219,7 +269,7 @@ def _export(args: argparse.Namespace) -> int:
     since, until = _whole(args.since, "--since"), None if args.until is None else _whole(args.until, "--until")
 
     async def run() -> export.ExportResult:
-        db = await _open_store(args.database_url)
+        db = await _open_store(args)
         try:
             return await export.export_csv(db, pseudonymizer, since=since, until=until, out_dir=Path(args.out),
                                            kind=args.kind,
@@ -234,7 +284,7 @@ def _export(args: argparse.Namespace) -> int:
 def _outbox_status(args: argparse.Namespace) -> int:
     import time
 
-    rows = asyncio.run(_with_store(args.database_url, lambda db: db.outbox_summary()))
+    rows = asyncio.run(_with_store(args, lambda db: db.outbox_summary()))
     now = time.time()
     shown = [{"writer": r["writer"], "status": r["status"], "items": r["items"],
               "oldest_age_s": round(now - r["oldest"], 1)} for r in rows]
@@ -244,7 +294,7 @@ def _outbox_status(args: argparse.Namespace) -> int:
 
 def _outbox_list(args: argparse.Namespace) -> int:
     status = None if args.status == "all" else args.status
-    rows = asyncio.run(_with_store(args.database_url, lambda db: db.outbox_items(
+    rows = asyncio.run(_with_store(args, lambda db: db.outbox_items(
         status=status, writer=args.writer, limit=args.limit)))
     shown = [{"id": r["id"], "writer": r["writer"], "status": r["status"], "attempts": r["attempts"],
               "report_id": r["report_id"], "event_id": str(r["event_id"]), "last_error": r["last_error"] or ""}
@@ -256,7 +306,7 @@ def _outbox_list(args: argparse.Namespace) -> int:
 def _outbox_retry(args: argparse.Namespace) -> int:
     import time
 
-    n = asyncio.run(_with_store(args.database_url, lambda db: db.retry_outbox(
+    n = asyncio.run(_with_store(args, lambda db: db.retry_outbox(
         now=time.time(), writer=args.writer, ids=args.ids)))
     print(f"{n} dead item(s) queued again")
     return 0
@@ -265,16 +315,17 @@ def _outbox_retry(args: argparse.Namespace) -> int:
 def _outbox_enqueue(args: argparse.Namespace) -> int:
     import time
 
-    n = asyncio.run(_with_store(args.database_url, lambda db: db.enqueue_reports(
+    n = asyncio.run(_with_store(args, lambda db: db.enqueue_reports(
         args.writer, after_id=args.since, now=time.time())))
     print(f"{n} report(s) queued for writer {args.writer!r}")
     return 0
 
 
-async def _open_store(url: str | None) -> Any:
+async def _open_store(args: argparse.Namespace) -> Any:
     from aggregator import store
 
-    db = store.Store(config.resolve_database_url(url), pool_size=1)
+    db = store.Store(config.resolve_database_url(args.database_url), pool_size=1,
+                     pooler=config.resolve_database_pooler(args.database_pooler))
     try:
         await migrate.ensure_current(db, auto_upgrade=db.dialect == "sqlite")
     except BaseException:
@@ -283,8 +334,8 @@ async def _open_store(url: str | None) -> Any:
     return db
 
 
-async def _with_store(url: str | None, action: Any) -> Any:
-    db = await _open_store(url)
+async def _with_store(args: argparse.Namespace, action: Any) -> Any:
+    db = await _open_store(args)
     try:
         return await action(db)
     finally:
@@ -315,7 +366,7 @@ def _print_rows(rows: list[dict[str, Any]], fmt: str, *, empty: str) -> None:
 
 
 def _meters(args: argparse.Namespace) -> int:
-    rows = asyncio.run(_with_store(args.database_url, lambda db: db.meter_results(meter=args.meter)))
+    rows = asyncio.run(_with_store(args, lambda db: db.meter_results(meter=args.meter)))
     import decimal
     import json
 
@@ -340,7 +391,7 @@ def _meters(args: argparse.Namespace) -> int:
 
 def _experiences(args: argparse.Namespace) -> int:
 
-    rows = asyncio.run(_with_store(args.database_url, lambda db: db.experience_slis()))
+    rows = asyncio.run(_with_store(args, lambda db: db.experience_slis()))
     shown = [{"window_start": reports.iso_utc(r["window_start"]), **{k: r[k] for k in (
                   "experience_id", "urgency", "started", "succeeded", "failed", "timed_out", "completed",
                   "duration_p50_s", "duration_p90_s", "duration_p99_s")}} for r in rows]

@@ -1,8 +1,10 @@
 """The collector: turns each finished window into exactly one report.
 
-It runs in every replica with ``collect=True``. Each run lists the windows whose end plus grace has
-passed and asks the store to collect them one by one; the store's locks make exactly one replica win
-each window, and a collector that dies mid-way leaves its window open for the next run anywhere.
+It runs in every replica with ``collect=True``. A window is due once every live replica incarnation
+has published a watermark past its end (so it holds nothing more for it); an incarnation silent for
+``lease`` is given up on, and ``max_delay`` after its end a window is closed anyway; the report counts
+who was given up on. The store's locks make exactly one replica win each window, and a collector that
+dies mid-way leaves its window open for the next run anywhere.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, ClassVar
 
 import structlog
 
-from aggregator import billing, meters, reports, store
+from aggregator import billing, health, meters, reports, store
 
 log = structlog.get_logger("aggregator.collector")
 
@@ -50,14 +52,21 @@ class CollectorStats:
 
 class Collector:
     def __init__(self, store_: store.Store, *, collector_id: str, grace: float, id_retention: float,
+                 lease: float, max_delay: float, contact: health.Contact | None = None,
                  clock: Callable[[], float] = time.time,
-                 on_locked: Callable[[], Awaitable[None]] | None = None, writers: Sequence[str] = (),
+                 on_locked: Callable[[], Awaitable[None]] | None = None,
+                 on_ordered: Callable[[], Awaitable[None]] | None = None, writers: Sequence[str] = (),
                  on_written: Callable[[], None] | None = None, outbox_retention: float = 7 * 86400.0,
                  meter_defs: Sequence[meters.Meter] = (), billing: Billing | None = None,
                  dedup_horizon: float = 2 * 86400.0, window: int | None = None) -> None:
         self.store = store_
         self.collector_id = collector_id
         self.grace = grace
+        self.lease = lease
+        self.max_delay = max_delay
+        # Whether this process has been in touch with the database long enough to judge others silent.
+        self.contact = contact or health.Contact()
+        self._on_ordered = on_ordered
         self.id_retention = id_retention
         self.stats = CollectorStats()
         self._clock = clock
@@ -79,11 +88,12 @@ class Collector:
             written: list[reports.Report] = []
             try:
                 await self._sweep()
-                for start in await self.store.due_windows(self._clock(), self.grace):
+                for due in await self.due_windows():
                     began = time.monotonic()
                     row = await self.store.collect_window(
-                        start, collector_id=self.collector_id, now=self._clock(), on_locked=self._on_locked,
-                        writers=self.writers, meter_defs=self.meter_defs, billing=self.billing,
+                        due.start, collector_id=self.collector_id, now=self._clock(), on_locked=self._on_locked,
+                        on_ordered=self._on_ordered, writers=self.writers, meter_defs=self.meter_defs,
+                        billing=self.billing, replicas_missing=due.replicas_missing,
                     )
                     if row is None:
                         continue
@@ -93,7 +103,8 @@ class Collector:
                     log.info("collect", window_start=report.window_start.isoformat(),
                              unique_workspaces=report.unique_workspaces, unique_users=report.unique_users,
                              allowed=report.allowed_requests, denied=report.denied_requests,
-                             replicas=report.replicas, late_allowed=report.late_allowed_requests,
+                             replicas=report.replicas, replicas_missing=due.replicas_missing or None,
+                             late_allowed=report.late_allowed_requests,
                              late_denied=report.late_denied_requests,
                              duration_ms=round((time.monotonic() - began) * 1000, 2),
                              collector_id=self.collector_id, queued_for=self.writers)
@@ -106,6 +117,40 @@ class Collector:
                 log.warning("collect_failed", error=self.stats.last_error, collector_id=self.collector_id)
                 raise
             return written
+
+    async def due_windows(self) -> list[store.DueWindow]:
+        """The windows that may be closed now, oldest first, each with the incarnations given up on.
+
+        A window waits while any incarnation that has not stopped cleanly, and whose watermark is
+        before the window's end, is live: heard from within ``lease`` by the database's clock. Only a
+        collector that has itself been in touch with the database for ``lease`` gives anybody up:
+        after an outage, everybody's silence was the outage, and replicas get a lease to catch up.
+        ``max_delay`` after its end (by this collector's clock) a window is closed whatever holds it.
+        A given-up incarnation counts as missing from a window if it may have lived into it: its
+        watermark (its last word) is less than a lease before the window's start.
+        """
+        now = self._clock()
+        windows = await self.store.open_windows(ended_by=now - self.grace)
+        if not windows:
+            return []
+        holders = await self.store.incarnations(below=windows[-1][1])
+        may_give_up = self.contact.connected_for() >= self.lease
+        due: list[store.DueWindow] = []
+        for start, end in windows:
+            held = [i for i in holders if i.watermark < end]
+            live = [i for i in held if not may_give_up or i.silent_for < self.lease]
+            overdue = now - end > self.max_delay
+            if live and not overdue:
+                log.debug("window_held", window_start=start, by=sorted({i.replica_id for i in live})[:10],
+                          live=len(live), collector_id=self.collector_id)
+                break  # later windows end later: every holder of this one holds them too
+            missing = sum(1 for i in held if i in live or i.watermark + self.lease > start)
+            if missing:
+                log.warning("window_given_up_on", window_start=start, replicas_missing=missing,
+                            replicas=sorted({i.replica_id for i in held})[:10], overdue=overdue,
+                            collector_id=self.collector_id)
+            due.append(store.DueWindow(start=start, end=end, replicas_missing=missing))
+        return due
 
     async def _sweep(self) -> None:
         """Time out stale experiences (before collecting, so a window's SLIs include what timed out in it)."""

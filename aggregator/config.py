@@ -27,8 +27,8 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
-def parse_duration(value: str | float | int, *, key: str) -> float:
-    """Seconds in ``value`` ("10s", "30m", "1h", "250ms", "2d", or a number of seconds)."""
+def parse_duration(value: str | float | int, *, key: str, zero: bool = False) -> float:
+    """Seconds in ``value`` ("10s", "30m", "1h", "250ms", "2d", or a number of seconds); ``zero``: 0 allowed."""
     if isinstance(value, bool):
         raise exceptions.ConfigError(f"{key}={value!r} is not a duration; use e.g. '10s', '30m', '1h'")
     if isinstance(value, int | float):
@@ -39,9 +39,27 @@ def parse_duration(value: str | float | int, *, key: str) -> float:
         raise exceptions.ConfigError(
             f"{key}={value!r} is not a duration; use a number with a unit: ms, s, m, h or d (e.g. '30m')"
         )
-    if not seconds > 0:
-        raise exceptions.ConfigError(f"{key}={value!r} must be longer than zero")
+    if not (seconds > 0 or zero and seconds == 0) or seconds == float("inf"):
+        raise exceptions.ConfigError(f"{key}={value!r} must be {'zero or more' if zero else 'longer than zero'}")
     return seconds
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$", re.IGNORECASE)
+_UNIT_BYTES = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30, None: 1}
+
+
+def parse_size(value: str | int, *, key: str) -> int:
+    """Bytes in ``value`` ("64MiB", "500MB", "1GiB", or a number of bytes); at least 1 MiB."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise exceptions.ConfigError(f"{key}={value!r} is not a size; use e.g. '64MiB' or '1GiB'")
+    match = _SIZE.match(str(value))
+    if match is None:
+        raise exceptions.ConfigError(f"{key}={value!r} is not a size; use a number with a unit: B, KiB, MiB, GiB, "
+                                     "KB, MB or GB (e.g. '64MiB')")
+    size = int(float(match.group(1)) * _UNIT_BYTES[(match.group(2) or "").lower() or None])
+    if size < 2**20:
+        raise exceptions.ConfigError(f"{key}={value!r} is below the least budget of 1MiB")
+    return size
 
 
 def parse_window(value: str | float | int, *, key: str) -> float:
@@ -98,6 +116,28 @@ def resolve_database_url(url: str | None) -> str:
             f"database_url={mask_url(url)!r}: backend {backend!r} is not supported; use postgresql:// or sqlite://"
         )
     return parsed.render_as_string(hide_password=False)
+
+
+DATABASE_POOLERS = ("none", "transaction")
+
+
+def resolve_database_pooler(pooler: str | None) -> str:
+    """The connection pooler mode in front of PostgreSQL: the one given, else ``$AGGREGATOR_DATABASE_POOLER``,
+    else ``"none"``.
+
+    ``"transaction"`` is a pooler such as PgBouncer with ``pool_mode = transaction``: each transaction gets
+    whichever server connection is free, so nothing of ours may outlive a transaction on one (the driver's
+    prepared statements included). Session pooling keeps a server connection per client: ``"none"``.
+    """
+    key = "database_pooler"
+    if pooler is None:
+        key, pooler = "AGGREGATOR_DATABASE_POOLER", os.environ.get("AGGREGATOR_DATABASE_POOLER") or "none"
+    value = pooler.strip().lower() if isinstance(pooler, str) else pooler
+    if value not in DATABASE_POOLERS:
+        raise exceptions.ConfigError(
+            f"{key}={pooler!r} must be one of: {', '.join(DATABASE_POOLERS)} (transaction: PgBouncer or another "
+            "pooler with pool_mode = transaction in front of PostgreSQL; session pooling needs none)")
+    return str(value)
 
 
 def mask_url(url: str) -> str:
@@ -199,6 +239,15 @@ class Settings:
     billing_instance_id: str | None = None
     meter_dedup_horizon: float = 86400.0 * 2
     urgencies: dict[str, float] = dataclasses.field(default_factory=lambda: dict(experiences.DEFAULT_URGENCIES))
+    # Watermarks: an incarnation silent this long (database clock) no longer holds windows back ...
+    replica_lease: float = 180.0
+    # ... and a window is closed this long after its end whatever holds it.
+    max_collect_delay: float = 1800.0
+    # Past this much memory queued for an unreachable store, batches go to the spool directory.
+    memory_budget: int = 64 * 2**20
+    spool_dir: str | None = None
+    # "transaction": a transaction-pooling PgBouncer is in front of PostgreSQL (see resolve_database_pooler).
+    database_pooler: str = "none"
 
     @classmethod
     def build(
@@ -219,12 +268,26 @@ class Settings:
         billing_instance_id: str | None = None,
         meter_dedup_horizon: str | float = "2d",
         urgencies: Mapping[str, Any] | None = None,
+        replica_lease: str | float | None = None,
+        max_collect_delay: str | float | None = None,
+        memory_budget: str | int = "64MiB",
+        spool_dir: str | None = None,
+        database_pooler: str | None = None,
     ) -> Settings:
         window_s = parse_window(window, key="window")
         flush_s = parse_duration(flush_interval, key="flush_interval")
-        # Data tracked at the very end of a window reaches the database one flush interval later
-        # (plus a retry); collecting before then would turn it into late data.
-        grace_s = parse_duration(grace, key="grace") if grace is not None else max(2 * flush_s, 1.0)
+        # Watermarks tell the collector when a window is complete; grace only adds a wait on top.
+        grace_s = parse_duration(grace, key="grace", zero=True) if grace is not None else 0.0
+        # A live replica publishes every flush interval, retrying sooner after a failure: three missed
+        # intervals (and never under 10 s, for a loaded host) is silence, not jitter.
+        lease_s = (parse_duration(replica_lease, key="replica_lease") if replica_lease is not None
+                   else max(3 * flush_s, 10.0))
+        delay_s = (parse_duration(max_collect_delay, key="max_collect_delay") if max_collect_delay is not None
+                   else max(window_s, 4 * lease_s))
+        if delay_s < lease_s:
+            raise exceptions.ConfigError(
+                f"max_collect_delay={delay_s:g}s is shorter than replica_lease={lease_s:g}s; a window would be "
+                "closed before a silent replica is given up on: make max_collect_delay at least the lease")
         if collect_interval is None:
             collect_s = min(max(min(window_s, flush_s) / 4, 0.25), 15.0)
         else:
@@ -248,6 +311,11 @@ class Settings:
                 billing_instance_id, "billing_instance_id", 256),
             meter_dedup_horizon=_dedup_horizon(meter_dedup_horizon),
             urgencies=experiences.urgencies(urgencies, lambda v, k: parse_duration(v, key=k)),
+            replica_lease=lease_s,
+            max_collect_delay=delay_s,
+            memory_budget=parse_size(memory_budget, key="memory_budget"),
+            spool_dir=None if spool_dir is None else _text(spool_dir, "spool_dir"),
+            database_pooler=resolve_database_pooler(database_pooler),
         )
 
     @property
@@ -386,6 +454,9 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("database_url", None, lambda v, k: _text(v, k),
            "database URL (postgresql://... or sqlite:///path); unset: the embedded SQLite file", secret=True),
+    Option("database_pooler", "none", lambda v, k: resolve_database_pooler(v),
+           "connection pooler in front of PostgreSQL: none, or transaction for PgBouncer with pool_mode = transaction "
+           "(no prepared statements kept across transactions)"),
     Option("listen", "127.0.0.1:8714", _listen, "HTTP address HOST:PORT (port 0 picks a free one)"),
     Option("api_tokens", "", _tokens,
            "bearer tokens for ingest and pull; without any, the API is open only on a loopback address",
@@ -393,7 +464,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("window", "30m", lambda v, k: parse_window(v, key=k),
            "report window, dividing a day (e.g. 10s, 5m, 30m, 1h)"),
     Option("flush_interval", "60s", _duration, "how often tracked data is written to the database"),
-    Option("grace", None, _duration, "wait after a window ends before collecting it; unset: 2 x flush_interval"),
+    Option("grace", None, lambda v, k: parse_duration(v, key=k, zero=True),
+           "extra wait after a window ends before collecting it, on top of the watermarks; unset: 0"),
+    Option("replica_lease", None, _duration,
+           "a replica silent this long (database clock) no longer holds windows back; unset: 3 x flush_interval, "
+           "at least 10s"),
+    Option("max_collect_delay", None, _duration,
+           "a window is reported this long after its end whatever holds it; unset: max(window, 4 x replica_lease)"),
+    Option("memory_budget", "64MiB", lambda v, k: parse_size(v, key=k),
+           "memory for data queued while the database is unreachable; past it, batches go to the spool"),
+    Option("spool_dir", None, lambda v, k: _text(v, k),
+           "where batches past the memory budget are kept until the database is back; unset: the state directory"),
     Option("collect_interval", None, _duration, "how often the collector looks for finished windows"),
     Option("replica_id", None, lambda v, k: _text(v, k), "this replica's name in reports; unset: host-pid-random"),
     Option("max_body_bytes", 4 * 1024 * 1024, _integer(1024, 256 * 1024 * 1024),
@@ -448,8 +529,9 @@ class DaemonSettings:
         out = dict(self.values)
         effective = self.aggregator
         for key in ("window", "flush_interval", "grace", "collect_interval", "max_event_age", "max_event_future",
-                    "shutdown_timeout"):
-            out[key] = f"{getattr(effective, key, None) or self.values[key]:g}s"
+                    "shutdown_timeout", "replica_lease", "max_collect_delay"):
+            value = getattr(effective, key, None)
+            out[key] = f"{self.values[key] if value is None else value:g}s"
         out["replica_id"] = effective.replica_id
         out["database_url"] = mask_url(effective.database_url)
         out["api_tokens"] = f"<{len(self.values['api_tokens'])} tokens>"
@@ -505,7 +587,9 @@ def load_daemon_settings(flags: dict[str, Any], environ: Mapping[str, str] | Non
             retention=values["outbox_retention"]),
         meters=dict(values["meters"] or ()), billing_realm=values["billing_realm"],
         billing_instance_id=values["billing_instance_id"], meter_dedup_horizon=values["meter_dedup_horizon"],
-        urgencies=values["experience_urgencies"],
+        urgencies=values["experience_urgencies"], replica_lease=values["replica_lease"],
+        max_collect_delay=values["max_collect_delay"], memory_budget=values["memory_budget"],
+        spool_dir=values["spool_dir"], database_pooler=values["database_pooler"],
     )
     _check_writers(aggregator, sources["writers"])
     return DaemonSettings(values=values, sources=sources, aggregator=aggregator)

@@ -39,8 +39,14 @@ def main(settings: config.DaemonSettings) -> int:
 async def serve(settings: config.DaemonSettings) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():  # the stop is under way and bounded; only SIGKILL cuts it short
+            log.warning("signal_ignored_during_stop", signal=sig.name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     log.info("configuration", **settings.masked())
     agg = Aggregator.from_settings(settings.aggregator, handle_sigterm=False)
     try:

@@ -62,9 +62,9 @@ async def upgrade(db: store.Store, revision: str = "head") -> tuple[str | None, 
     return before, after
 
 
-async def upgrade_url(url: str, revision: str = "head") -> tuple[str | None, str | None]:
-    """``upgrade`` on a database given by URL, with a store of its own."""
-    db = store.Store(url, pool_size=1)
+async def upgrade_url(url: str, revision: str = "head", *, pooler: str = "none") -> tuple[str | None, str | None]:
+    """``upgrade`` on a database given by URL, with a store of its own (``pooler``: see ``store.Store``)."""
+    db = store.Store(url, pool_size=1, pooler=pooler)
     try:
         return await upgrade(db, revision)
     finally:

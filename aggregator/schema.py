@@ -64,8 +64,9 @@ contributions = sa.Table(
     sa.Column("late_users", sa.BigInteger, nullable=False, server_default="0"),
 )
 
-# One row per process incarnation: the sequence number of its last applied flush batch, written
-# in the batch's own transaction, so a retry after an ambiguous commit is recognised and skipped.
+# One row per replica incarnation (process lifetime), written in each flush batch's own transaction:
+# the sequence number of its last applied batch, so a retry after an ambiguous commit is recognised and
+# skipped; and its watermark, so the collector knows which windows it may still hold data for.
 flush_sequences = sa.Table(
     "flush_sequences",
     metadata,
@@ -73,6 +74,13 @@ flush_sequences = sa.Table(
     sa.Column("replica_id", sa.String(200), nullable=False),
     sa.Column("last_seq", sa.BigInteger, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
+    # The replica's clock when it swapped out the state of its last applied batch: everything it
+    # tracked before then is durable. NULL until its first batch. Windows follow the replica's clock.
+    sa.Column("watermark", sa.Float, nullable=True),
+    # The database's clock at its last applied batch: liveness, compared only with the database's clock.
+    sa.Column("heartbeat_at", sa.Float, nullable=True),
+    # Set by a clean stop's final batch: a stopped incarnation holds no window back.
+    sa.Column("stopped_at", sa.Float, nullable=True),
 )
 
 reports = sa.Table(
@@ -87,6 +95,9 @@ reports = sa.Table(
     sa.Column("allowed_requests", sa.BigInteger, nullable=False),
     sa.Column("denied_requests", sa.BigInteger, nullable=False),
     sa.Column("replicas", sa.Integer, nullable=False),
+    # Incarnations that may have held data of this window and were given up on (lease expired, or
+    # the max_collect_delay bound hit): 0 means the report is complete.
+    sa.Column("replicas_missing", sa.Integer, nullable=False, server_default="0"),
     sa.Column("late_allowed_requests", sa.BigInteger, nullable=False),
     sa.Column("late_denied_requests", sa.BigInteger, nullable=False),
     sa.Column("late_unique_workspaces", sa.BigInteger, nullable=False),

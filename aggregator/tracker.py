@@ -213,6 +213,12 @@ class Tracker:
             folded = sum(data.events for data in self._pending.values())
         return folded + len(self._buffer) // FIELDS
 
+    def pending_ids(self) -> int:
+        """Ids held in the folded state and the buffer (the bulk of a replica's memory between flushes)."""
+        with self._fold_lock:
+            folded = sum(len(data.workspaces) + len(data.users) for data in self._pending.values())
+        return folded + 2 * (len(self._buffer) // FIELDS)
+
     def close(self) -> None:
         """Refuse further calls; each call either is in the final take() or raises."""
         self._open = False

@@ -25,7 +25,7 @@ async def run_standalone() -> None:
     """`alembic upgrade head` from a checkout: the URL comes from AGGREGATOR_DATABASE_URL."""
     from aggregator import migrate
 
-    db = store.Store(config.resolve_database_url(None))
+    db = store.Store(config.resolve_database_url(None), pooler=config.resolve_database_pooler(None))
     try:
         await migrate.run_locked(db, run_on)
     finally:

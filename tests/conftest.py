@@ -154,3 +154,24 @@ def empty_database_url(request: pytest.FixtureRequest, pg_admin_url: str, tmp_pa
     _run(_admin(pg_admin_url, f'CREATE DATABASE "{name}"'))
     yield _with_database(pg_admin_url, name)
     _run(_admin(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_server(pg_admin_url: str) -> Iterator[object]:
+    """A PgBouncer (``tests.pgbouncer``) in transaction pooling mode in front of the session's PostgreSQL.
+
+    Skipped, naming the Debian package, when the binary is missing; under ``CI=true`` that fails instead.
+    """
+    from tests import pgbouncer
+
+    with pgbouncer.PgBouncer(pg_admin_url, pool_mode="transaction") as server:
+        yield server
+
+
+@pytest.fixture
+def pgbouncer_url(pgbouncer_server: object, pg_url: str) -> str:
+    """The test's fresh migrated PostgreSQL database (``pg_url``), reached through PgBouncer in transaction mode."""
+    from tests import pgbouncer
+
+    assert isinstance(pgbouncer_server, pgbouncer.PgBouncer)
+    return pgbouncer_server.url(pg_url)

@@ -76,6 +76,7 @@ def test_one_user_on_two_replicas_counts_once(database_url: str) -> None:
         a.flush()
         b.flush()
         clock.past_window(T0)
+        b.flush()  # b's watermark passes the window's end (its scheduled flush would): it holds it no more
         (report,) = a.collect()
     assert (report.unique_workspaces, report.unique_users, report.allowed_requests, report.replicas) == (2, 2, 3, 2)
 
@@ -202,15 +203,18 @@ def test_late_flush_counts_in_the_open_window(database_url: str) -> None:
     clock = FakeClock()
     with manual(database_url, clock, replica_id="slow") as slow, manual(database_url, clock, replica_id="fast") as fast:
         fast.track(WS[0], USERS[0], allowed=1)
-        slow.track(WS[0], USERS[0], allowed=2, denied=1)  # same user as fast: not new to the window
-        slow.track(WS[2], USERS[2], allowed=4)  # a workspace and a user the window never saw
         fast.flush()
         clock.past_window(T0)  # now inside the next window
+        slow.flush()  # slow's watermark is past the window: it holds nothing more for it, as far as it knows
         (first,) = fast.collect()
+        # Events of the reported window that slow places there after its watermark passed it: late.
+        slow.track(WS[0], USERS[0], allowed=2, denied=1, at=T0 + 1)  # same user as fast: not new to the window
+        slow.track(WS[2], USERS[2], allowed=4, at=T0 + 1)  # a workspace and a user the window never saw
         slow.flush()  # late
         fast.track(WS[1], USERS[1], allowed=10)
         fast.flush()
         clock.past_window(T0 + WINDOW)
+        slow.flush()
         (second,) = fast.collect()
         everything = fast.reports()
     assert (first.allowed_requests, first.unique_users, first.late_allowed_requests) == (1, 1, 0)
@@ -379,6 +383,7 @@ def test_concurrent_flushes_of_the_same_new_ids_count_once(pg_url: str, monkeypa
             first.join(20)
             second.join(20)
         clock.past_window(T0)
+        b.flush()
         (report,) = a.collect()
     assert [e["event"] for e in logs if e["event"] == "ids_insert_fallback"] == ["ids_insert_fallback"]
     assert (report.unique_users, report.unique_workspaces, report.allowed_requests, report.replicas) == (

@@ -55,6 +55,7 @@ def test_sync_and_async_journeys_across_two_services(database_url: str) -> None:
                                         outcome="failure")])
         worker.flush()
         clock.past_window(T0)
+        worker.flush()  # its scheduled flush: the worker's watermark passes the window's end
         web.collect()
         got = slis(web)
         assert {k: (r["started"], r["succeeded"], r["failed"], r["timed_out"], r["duration_p50_s"])
@@ -98,6 +99,8 @@ def test_a_missing_end_times_out_once_with_several_sweepers_and_a_late_end_does_
         row = replicas[1].experience(stale)
         assert row is not None and (row["status"], row["late_end"]) == ("timed_out", True)
         clock.past_window(T0)
+        for agg in replicas[:2]:  # their scheduled flushes: the watermarks pass the window's end
+            agg.flush()
         replicas[2].collect()
         (sli,) = slis(replicas[2]).values()
         assert (sli["started"], sli["succeeded"], sli["failed"], sli["timed_out"], sli["completed"]) == (1, 0, 0, 1, 0)
@@ -123,6 +126,7 @@ def test_duplicates_out_of_order_and_unknown_ids(database_url: str) -> None:
         assert (a.experience(orphan) or {}).get("unknown_start") is True
         assert (a.experience(reordered) or {})["status"] == "succeeded"
         clock.past_window(T0)
+        b.flush()
         a.collect()
         (sli,) = slis(a).values()
         assert (sli["started"], sli["succeeded"], sli["completed"], sli["duration_p50_s"]) == (2, 3, 2, 1.0)

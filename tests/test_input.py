@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import socket
 import uuid
+from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
@@ -69,7 +70,7 @@ def test_uuid_strings_and_objects_are_the_same_id(agg: Aggregator) -> None:
         ({"window": "7s"}, "window='7s' must be a whole number of seconds that divides a day"),
         ({"window": "0s"}, "window='0s' must be longer than zero"),
         ({"flush_interval": "soon"}, "flush_interval='soon' is not a duration"),
-        ({"grace": -5}, "grace=-5 must be longer than zero"),
+        ({"grace": -5}, "grace=-5 must be zero or more"),
         ({"database_url": "mysql://u:secret@h/db"}, "backend 'mysql' is not supported"),
         ({"database_url": "sqlite://"}, "in-memory SQLite database cannot be shared"),
         ({"database_url": "::nonsense::"}, "is not a database URL"),
@@ -88,15 +89,33 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_unreachable_database_fails_start_without_leaking_the_password() -> None:
+def test_waiting_for_an_unreachable_database_fails_start_without_leaking_the_password(tmp_path: Path) -> None:
+    """start(wait=...) is for hosts that want start-up to fail: it raises, names the server, hides the password."""
     url = f"postgresql://svc:hunter2secret@127.0.0.1:{_closed_port()}/usage"
-    agg = Aggregator(database_url=url, handle_sigterm=False)
+    agg = Aggregator(database_url=url, handle_sigterm=False, spool_dir=str(tmp_path))
     agg.track(GOOD, GOOD)
     with capture_logs() as logs, pytest.raises(StoreUnavailable) as raised:
-        agg.start()
+        agg.start(wait=1.0)
     assert "127.0.0.1" in str(raised.value) and "svc:***@" in str(raised.value)
     assert "hunter2secret" not in str(raised.value) + repr(logs)
     assert not agg.running and agg.status()["pending_events"] == 1
+
+
+def test_an_unreachable_database_never_fails_start_and_stop_spools_without_leaking_the_password(
+        tmp_path: Path) -> None:
+    """By default the host starts whatever the database does: tracking works, the outage shows in status(),
+    and a stop that cannot flush keeps the events in the spool; the password appears nowhere."""
+    url = f"postgresql://svc:hunter2secret@127.0.0.1:{_closed_port()}/usage"
+    agg = Aggregator(database_url=url, handle_sigterm=False, spool_dir=str(tmp_path), stop_timeout="1s")
+    with capture_logs() as logs:
+        agg.start()
+        agg.track(GOOD, GOOD)
+        status = agg.status()["store"]
+        agg.stop()
+    assert (agg.running, status["ready"], status["connected"]) == (False, False, False)
+    assert "svc:***@" in status["last_error"] and "hunter2secret" not in repr(status) + repr(logs)
+    assert [e["events"] for e in logs if e["event"] == "final_flush_spooled"] == [1]
+    assert len(list(tmp_path.rglob("*.spool"))) == 1
 
 
 def test_flush_and_collect_need_a_started_aggregator(agg: Aggregator) -> None:

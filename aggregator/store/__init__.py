@@ -41,6 +41,8 @@ log = structlog.get_logger("aggregator.store")
 # partitioned holder), so that another replica can take over its work.
 IDLE_IN_TRANSACTION_MS = 60_000
 LOCK_TIMEOUT_MS = 30_000
+# Idle time allowed to a collector holding the report-order lock (it only has inserts left to send).
+REPORT_LOCK_IDLE_MS = 5_000
 SQLITE_BUSY_TIMEOUT_S = 60.0
 _SQLITE_CHUNK = 50_000
 
@@ -84,6 +86,29 @@ class Batch:
     events: int
     meters: metering.MeterBatch | None = None  # record()s of declared meters
     checkpoints: list[journeys.Checkpoint] = dataclasses.field(default_factory=list)
+    # The replica's clock when this batch's state was swapped out (less a slack): everything the
+    # replica tracked before it is in this batch or an earlier one. Published with the batch.
+    watermark: float | None = None
+    final: bool = False  # a clean stop's last batch: the incarnation is marked stopped with it
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Incarnation:
+    """What the collector knows of one replica incarnation that has not stopped cleanly."""
+
+    writer_id: uuid.UUID
+    replica_id: str
+    watermark: float  # the replica's clock
+    silent_for: float  # seconds since its last applied batch, by the database's clock
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DueWindow:
+    """A window the collector may close now, and how many incarnations it gives up on to do so."""
+
+    start: int
+    end: int
+    replicas_missing: int
 
 
 @dataclasses.dataclass(slots=True)
@@ -95,9 +120,29 @@ class BatchResult:
     checkpoints: int = 0  # checkpoints applied (retries of applied ones not counted)
 
 
+# SQLSTATEs (PostgreSQL's error codes) that mean the schema is not the one this version uses: a table,
+# column, schema, type or unique index it needs is missing.
+_SCHEMA_MISMATCH = frozenset({"42P01", "42703", "3F000", "42704", "42P10"})
+# A named prepared statement already on the server connection (42P05) or gone from it (26000): a
+# transaction pooler gave this transaction a server connection another client, or nobody, prepared on.
+_POOLED_STATEMENT = frozenset({"42P05", "26000"})
+# protocol_violation: how PgBouncer reports its own refusals (PostgreSQL only for a confused client, such
+# as a Bind that reached another client's unnamed statement through a pooler).
+_PROTOCOL_VIOLATION = "08P01"
+_POOLER_FIX = ("a connection pooler in transaction mode (PgBouncer with pool_mode = transaction) is in front of "
+               "PostgreSQL: set database_pooler = \"transaction\" (AGGREGATOR_DATABASE_POOLER=transaction, or "
+               "Aggregator(database_pooler=\"transaction\")); this is not a schema problem")
+
+
 @contextlib.contextmanager
 def translate_errors(url: str) -> Any:
-    """Turn driver and network errors into our exceptions, without leaking the password."""
+    """Turn driver and network errors into our exceptions, by what they are, without leaking the password.
+
+    PostgreSQL's errors are told apart by SQLSTATE: a missing table or column is an outdated schema; a
+    prepared statement clash is a transaction pooler the settings do not know of; a pooler's refusal
+    names the pooler; any other rejected statement is reported as the server words it. Lost
+    connections and timeouts are transient.
+    """
     masked = config.mask_url(url)
     password = sa.make_url(url).password
     try:
@@ -107,17 +152,50 @@ def translate_errors(url: str) -> Any:
     except (sa.exc.IntegrityError, sa.exc.DataError) as exc:
         raise exceptions.StoreError(_scrub(f"database {masked} rejected the operation: {_first_line(exc)}",
                                            password)) from exc
-    except sa.exc.ProgrammingError as exc:
-        raise exceptions.SchemaOutdated(_scrub(
-            f"database {masked}: {_first_line(exc)}; is the schema current? run `aggregator db upgrade`",
-            password)) from exc
-    except (sa.exc.DBAPIError, sa.exc.InterfaceError, sa.exc.TimeoutError, OSError, TimeoutError) as exc:
+    except sa.exc.DBAPIError as exc:
+        raise _translated(exc, masked, password) from exc
+    except (sa.exc.TimeoutError, OSError, TimeoutError) as exc:
         raise exceptions.StoreUnavailable(_scrub(
             f"database {masked} unavailable: {type(exc).__name__}: {_first_line(exc)}", password)) from exc
 
 
+def _translated(exc: sa.exc.DBAPIError, masked: str, password: str | None) -> exceptions.StoreError:
+    state, line = _sqlstate(exc), _first_line(exc)
+    kind: type[exceptions.StoreError] = exceptions.StoreUnavailable
+    if state in _SCHEMA_MISMATCH or line.startswith(("no such table", "no such column")) or (
+            " has no column named " in line):  # the last two: SQLite's words, it has no SQLSTATE
+        kind, message = exceptions.SchemaOutdated, (f"database {masked}: {line}; the schema is older than this "
+                                                    "version of aggregator: run `aggregator db upgrade`")
+    elif state in _POOLED_STATEMENT or state == _PROTOCOL_VIOLATION and line.startswith("bind message"):
+        kind, message = exceptions.StoreError, f"database {masked}: {line}; {_POOLER_FIX}"
+    elif state == _PROTOCOL_VIOLATION and line.startswith("unsupported startup parameter"):
+        kind, message = exceptions.StoreError, (
+            f"database {masked} refused the connection: {line}; a connection pooler (PgBouncer) in front of "
+            "PostgreSQL refuses startup parameters it does not track: add it to its ignore_startup_parameters")
+    elif state == _PROTOCOL_VIOLATION:
+        message = (f"database {masked} unavailable: {line} (SQLSTATE 08P01: most likely refused by a connection "
+                   "pooler in front of PostgreSQL, such as PgBouncer: see its log)")
+    elif isinstance(exc, sa.exc.ProgrammingError):
+        kind, message = exceptions.StoreError, f"database {masked} rejected a statement: {line}"
+    else:
+        message = f"database {masked} unavailable: {type(exc).__name__}: {line}"
+    return kind(_scrub(message, password))
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a PostgreSQL error as SQLAlchemy wraps it (``orig``, or the driver's own under it)."""
+    orig = getattr(exc, "orig", None) or exc
+    for candidate in (orig, orig.__cause__):
+        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(code, str):
+            return code
+    return None
+
+
 def _first_line(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None) or exc
+    if type(orig).__module__.startswith("sqlalchemy") and orig.__cause__ is not None:
+        orig = orig.__cause__  # the driver's own error under SQLAlchemy's adapter (2.0 prefixes the class name)
     text = str(orig).strip().splitlines()
     return text[0] if text else type(orig).__name__
 
@@ -126,13 +204,70 @@ def _scrub(message: str, password: str | None) -> str:
     return message.replace(password, "***") if password else message
 
 
+# asyncpg's numeric connection arguments: a URL query gives text, which asyncpg would compare with numbers.
+_NUMERIC_ARGUMENTS: dict[str, type[int] | type[float]] = {
+    "statement_cache_size": int, "max_cacheable_statement_size": int, "prepared_statement_cache_size": int,
+    "max_cached_statement_lifetime": float, "command_timeout": float, "timeout": float,
+}
+_STATEMENT_CACHES = ("statement_cache_size", "prepared_statement_cache_size")  # asyncpg's, SQLAlchemy's
+
+
+def _asyncpg_arguments(url: sa.URL, pooler: str) -> tuple[sa.URL, dict[str, Any]]:
+    """The URL less the arguments taken from its query, and the connection arguments for asyncpg.
+
+    Behind a transaction pooler a server connection serves one transaction, then whichever client comes
+    next, so no prepared statement may be kept or named: both statement caches are off and every
+    statement is the unnamed one, which asyncpg (its cache off) parses again in the same message
+    sequence that executes it. Unique names instead would never clash, but a statement closed while
+    another server connection served its client stays behind on the first one until that one closes.
+    """
+    import inspect
+
+    import asyncpg  # type: ignore[import-untyped]  # only PostgreSQL needs it
+
+    unknown = sorted(set(url.query) - set(inspect.signature(asyncpg.connect).parameters) - set(_STATEMENT_CACHES))
+    if unknown:
+        raise exceptions.ConfigError(
+            f"database_url: {', '.join(unknown)} in the query {'is' if len(unknown) == 1 else 'are'} not a connection "
+            "argument of asyncpg, the PostgreSQL driver; remove it (for TLS give ?ssl=require)")
+    arguments: dict[str, Any] = {"timeout": 10, "command_timeout": 300,
+                                 "server_settings": {"application_name": "aggregator"}}  # PgBouncer tracks it
+    for key, kind in _NUMERIC_ARGUMENTS.items():
+        if key not in url.query:
+            continue
+        given = url.query[key]
+        text = given if isinstance(given, str) else given[-1]  # the last of a repeated key
+        try:
+            number = kind(text)
+        except ValueError:
+            number = -1
+        if not 0 <= number < float("inf"):
+            raise exceptions.ConfigError(
+                f"database_url: {key}={text!r} in the query must be a {'whole ' if kind is int else ''}number "
+                f"from 0 up, e.g. ?{key}={'0' if kind is int else '30'}")
+        arguments[key] = number
+    if pooler == "transaction":
+        for key in _STATEMENT_CACHES:
+            if arguments.get(key, 0) != 0:
+                raise exceptions.ConfigError(
+                    f"database_url: {key}={arguments[key]} in the query contradicts database_pooler='transaction', "
+                    "which turns statement caches off (a pooled server connection is shared); remove it from the URL")
+        arguments.update(dict.fromkeys(_STATEMENT_CACHES, 0), prepared_statement_name_func=_unnamed_statement)
+    return url.difference_update_query(_NUMERIC_ARGUMENTS), arguments
+
+
+def _unnamed_statement() -> str:
+    return ""  # asyncpg: the unnamed statement (a name given, so asyncpg 0.29 and 0.30 do not make one up)
+
+
 class Store(OutboxQueries, MeterQueries, ExperienceQueries):
     """The database behind one Aggregator: an async engine and the statements it runs."""
 
-    def __init__(self, url: str, *, pool_size: int = 5) -> None:
+    def __init__(self, url: str, *, pool_size: int = 5, pooler: str = "none") -> None:
         url = config.resolve_database_url(url)  # plain postgresql:// and sqlite:// get async drivers
         self.url = url
         self.masked_url = config.mask_url(url)
+        self.pooler = config.resolve_database_pooler(pooler)
         parsed = sa.make_url(url)
         self.dialect = parsed.get_backend_name()
         with translate_errors(url):
@@ -143,11 +278,10 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries):
                 )
                 _sqlite_setup(self.engine)
             else:
+                target, connect_args = _asyncpg_arguments(parsed, self.pooler)
+                # The pre-ping runs in a transaction of its own (SQLAlchemy does so for PgBouncer's sake).
                 self.engine = create_async_engine(
-                    url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
-                    connect_args={"timeout": 10, "command_timeout": 300,
-                                  "server_settings": {"application_name": "aggregator"}},
-                )
+                    target, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, connect_args=connect_args)
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         # Reads: on SQLite a deferred BEGIN, so they run beside a writer (WAL) instead of queueing.
         self.reader = self.engine.execution_options(aggregator_read_only=True)
@@ -251,13 +385,27 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries):
                 result.checkpoints = await self._apply_checkpoints(
                     conn, batch.checkpoints, urgencies or journeys.DEFAULT_URGENCIES, window=window, closed=closed,
                     late_target=late_target)
-            await conn.execute(
-                sa.update(schema.flush_sequences)
-                .where(schema.flush_sequences.c.writer_id == writer_id)
-                .values(last_seq=batch.seq, updated_at=now)
-            )
+            await self._publish(conn, writer_id, batch, now)
         result.applied = True
         return result
+
+    def _db_now(self) -> sa.ColumnElement[float]:
+        """The database's clock in epoch seconds: the one clock every replica shares."""
+        if self.dialect == "postgresql":
+            return sa.cast(sa.func.extract("epoch", sa.func.clock_timestamp()), sa.Float)
+        return sa.cast((sa.func.julianday("now") - 2440587.5) * 86400.0, sa.Float)
+
+    async def _publish(self, conn: AsyncConnection, writer_id: uuid.UUID, batch: Batch, now: float) -> None:
+        """Record the batch's sequence number, the incarnation's watermark and liveness (and a clean stop)."""
+        table = schema.flush_sequences
+        values: dict[str, Any] = {"last_seq": batch.seq, "updated_at": now, "heartbeat_at": self._db_now()}
+        if batch.watermark is not None:
+            greatest = sa.func.greatest if self.dialect == "postgresql" else sa.func.max
+            values["watermark"] = sa.case((table.c.watermark.is_(None), batch.watermark),
+                                          else_=greatest(table.c.watermark, batch.watermark))
+        if batch.final:
+            values["stopped_at"] = self._db_now()
+        await conn.execute(sa.update(table).where(table.c.writer_id == writer_id).values(**values))
 
     async def _lock_sequence(self, conn: AsyncConnection, writer_id: uuid.UUID, replica_id: str,
                              now: float) -> int:
@@ -339,25 +487,47 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries):
 
     # ---- collect -----------------------------------------------------------------------------
 
-    async def due_windows(self, now: float, grace: float) -> list[int]:
-        """Open windows whose end plus grace has passed, oldest first."""
+    async def open_windows(self, *, ended_by: float) -> list[tuple[int, int]]:
+        """(start, end) of the windows not yet reported that ended by ``ended_by``, oldest first."""
+        w = schema.windows
         async with self.read() as conn:
             rows = await conn.execute(
-                sa.select(schema.windows.c.window_start)
-                .where(schema.windows.c.closed_at.is_(None), schema.windows.c.window_end <= now - grace)
-                .order_by(schema.windows.c.window_start)
-            )
-            return [start for (start,) in rows]
+                sa.select(w.c.window_start, w.c.window_end)
+                .where(w.c.closed_at.is_(None), w.c.window_end <= ended_by).order_by(w.c.window_start))
+            return [(int(start), int(end)) for start, end in rows]
+
+    async def incarnations(self, *, below: float) -> list[Incarnation]:
+        """Incarnations not stopped cleanly whose watermark is below ``below`` (they may hold such windows).
+
+        ``silent_for`` is measured on the database's clock, so hosts' clocks never judge each other.
+        On PostgreSQL it is also counted from the server's own start at the latest: a server that was
+        down did not hear anybody, and nobody who was silent because of it is given up on sooner.
+        """
+        f = schema.flush_sequences
+        heard: sa.ColumnElement[Any]
+        if self.dialect == "postgresql":
+            started = sa.cast(sa.func.extract("epoch", sa.func.pg_postmaster_start_time()), sa.Float)
+            heard = sa.func.greatest(sa.func.coalesce(f.c.heartbeat_at, f.c.updated_at), started)
+        else:
+            heard = sa.func.coalesce(f.c.heartbeat_at, f.c.updated_at)
+        async with self.read() as conn:
+            rows = await conn.execute(
+                sa.select(f.c.writer_id, f.c.replica_id, f.c.watermark, self._db_now() - heard)
+                .where(f.c.stopped_at.is_(None), f.c.watermark < below))  # NULL: a version without watermarks
+            return [Incarnation(writer_id=w, replica_id=r, watermark=float(m), silent_for=float(s or 0.0))
+                    for w, r, m, s in rows]
 
     async def collect_window(self, start: int, *, collector_id: str, now: float, on_locked: Any = None,
-                             writers: Sequence[str] = (), meter_defs: Mapping[str, metering.Meter] | None = None,
-                             billing: Any = None) -> dict[str, Any] | None:
+                             on_ordered: Any = None, writers: Sequence[str] = (),
+                             meter_defs: Mapping[str, metering.Meter] | None = None, billing: Any = None,
+                             replicas_missing: int = 0) -> dict[str, Any] | None:
         """Write the report of window ``start`` and close it, if nobody has; returns the report row.
 
         Returns None when another collector is collecting it or it is already reported.
-        ``on_locked`` (an async callable) runs once the locks are held; tests use it to kill a
-        collector at the worst moment. The report is queued in the outbox for each of ``writers`` in
-        the same commit, so a written report always reaches its writers.
+        ``on_locked`` (an async callable) runs once the window is locked and aggregated, ``on_ordered``
+        once the report-order lock is held; tests use them to freeze or kill a collector at the worst
+        moments. The report is queued in the outbox for each of ``writers`` in the same commit, so a
+        written report always reaches its writers.
         """
         async with self.transaction() as conn:
             # The window row, skipped if locked: another collector is on it (or a late flush is).
@@ -369,13 +539,20 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries):
             row = locked.first()
             if row is None or row.closed_at is not None:
                 return None
+            report = await self._aggregate(conn, start, row.window_end)
+            report.update(generated_at=now, generated_by=collector_id, replicas_missing=replicas_missing)
             if on_locked is not None:
                 await on_locked()
-            report = await self._aggregate(conn, start, row.window_end)
-            report.update(generated_at=now, generated_by=collector_id)
             # Serialise report inserts until commit, so report ids (the pull cursor) follow commit order.
+            # Only the report's own writes follow, and the server gives the holder little idle time: a
+            # collector that freezes here is cut off soon, so it stalls other windows' reports briefly.
+            if self.dialect == "postgresql":
+                await conn.exec_driver_sql("SELECT set_config('idle_in_transaction_session_timeout', $1, true)",
+                                           (str(REPORT_LOCK_IDLE_MS),))
             lock = schema.collector_lock
             await conn.execute(sa.update(lock).where(lock.c.id == 1).values(holder=collector_id, acquired_at=now))
+            if on_ordered is not None:
+                await on_ordered()
             report["id"] = await conn.scalar(sa.insert(schema.reports).values(**report).returning(schema.reports.c.id))
             await conn.execute(
                 sa.update(schema.windows).where(schema.windows.c.window_start == start).values(closed_at=now)
