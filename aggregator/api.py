@@ -325,7 +325,13 @@ def build_app(agg: Aggregator, settings: config.DaemonSettings, counters: metric
 
     @app.get("/healthz", responses={503: {"model": Problem, "description": "database unreachable"}})
     async def health() -> dict[str, str]:
-        """Open: the process is up and the database answers."""
+        """Open: the process is up and the database answers (503 with the reason otherwise)."""
+        contact = agg.status()["store"]
+        if contact["fatal_error"]:
+            raise HTTPException(503, f"database unusable: {contact['fatal_error']}")
+        if not contact["ready"]:
+            raise HTTPException(503, f"database unavailable for {contact['outage_for_s'] or 0:g}s, "
+                                     f"{contact['failures_in_row']} retries: {contact['last_error'] or 'connecting'}")
         try:
             await agg.aping()
         except exceptions.StoreError as exc:

@@ -79,8 +79,27 @@ def render(status: dict[str, Any], counters: Counters, outbox: list[dict[str, An
            [(f'{{reason="{r}"}}', counters.rejected[r]) for r in ("unauthorized", "forbidden", "invalid", "too_large")])
     metric("unflushed_events", "gauge", "Events tracked in this replica and not yet durable.",
            [("", status.get("unflushed_events", status["pending_events"]))])
+    contact = status.get("store")
+    if contact is not None:
+        metric("store_up", "gauge", "1 while the database answers this replica and its schema is usable, else 0.",
+               [("", 1.0 if contact["connected"] and contact["ready"] else 0.0)])
+        metric("store_outage_seconds", "gauge", "Seconds since the current outage began (0 when none).",
+               [("", contact["outage_for_s"] or 0.0)])
+        metric("store_outages_total", "counter", "Outages of the database seen by this replica.",
+               [("", contact["outages"])])
+        metric("store_failures_in_row", "gauge", "Failed attempts to reach the database since the last answer.",
+               [("", contact["failures_in_row"])])
+    if "spooled_events" in status:
+        metric("spooled_events", "gauge", "Events in this replica's local spool, waiting for the database.",
+               [("", status["spooled_events"])])
     flush = status.get("flush")
     if flush is not None:
+        metric("watermark_seconds", "gauge", "This replica's last watermark the database accepted (epoch seconds).",
+               [("", flush.watermark if flush.watermark is not None else float("nan"))])
+        metric("spilled_batches_total", "counter", "Times queued data went to the spool (memory budget, stop).",
+               [("", flush.spilled_batches)])
+        metric("replayed_batches_total", "counter", "Spooled batches applied to the database.",
+               [("", flush.replayed_batches)])
         lag = time.time() - flush.last_success_at if flush.last_success_at else float("nan")
         metric("flushes_total", "counter", "Flush batches applied.", [("", flush.flushes)])
         metric("flush_failures_total", "counter", "Flush attempts that failed (and are retried).",
