@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator import config, logs
-from bench import daemon, figures, hotpath, journeys, memory, postgres, workload
+from bench import daemon, figures, hotpath, journeys, memory, postgres, spool, watermarks, workload
 from bench.figures import Result
 
 DATABASE_ENV = "AGGREGATOR_BENCH_DATABASE_URL"
@@ -40,6 +40,9 @@ ROWS: dict[str, Callable[[workload.Env], Result]] = {
     "daemon_ingest": daemon.ingest,
     # Beyond the issue's rows:
     "pg_checkpoints": journeys.checkpoints,
+    # Issue #11: watermarks (a window is reported once every replica has flushed past it) and the spool.
+    "report_latency": watermarks.report_latency,
+    "spool": spool.throughput,
 }
 
 

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ISSUE_ROWS = ["caller_cost", "total_cpu", "threads_8", "pg_flush", "pg_collect", "memory", "daemon_ingest"]
-ROWS = [*ISSUE_ROWS, "pg_checkpoints"]  # and one of our own, with no target
+ROWS = [*ISSUE_ROWS, "pg_checkpoints", "report_latency", "spool"]  # and rows of later issues
 
 
 @pytest.mark.slow
@@ -31,6 +31,8 @@ def test_quick_run_prints_one_table_and_writes_every_row(pg_admin_url: str, tmp_
     assert table[0].split(" | ")[0].strip() == "benchmark"
     assert [line.split(" | ")[0].strip() for line in table[1:] if line.split(" | ")[0].strip()] == ROWS
     assert all(line.rstrip().endswith(("PASS", "MISS", "n/c")) for line in table if line.startswith(tuple(ISSUE_ROWS)))
+    assert "PASS" in next(line for line in table if line.startswith("report_latency")) or any(
+        "reports exact" in line and line.rstrip().endswith("PASS") for line in table)
     results = json.loads(out.read_text())
     assert list(results["rows"]) == ROWS
     assert [row["error"] for row in results["rows"].values()] == [None] * len(ROWS)
