@@ -14,18 +14,17 @@ import uuid
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-import structlog
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from aggregator import config, exceptions, metrics, reports, tracker
+from aggregator import config, exceptions, logs, metrics, reports, tracker
 from aggregator.reports import Report
 from aggregator.runtime import Aggregator
 
-log = structlog.get_logger("aggregator.api")
+log = logs.get_logger("aggregator.api")
 
 Count = Annotated[int, Field(strict=True, ge=0, le=tracker.MAX_COUNT)]
 

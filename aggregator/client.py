@@ -24,13 +24,12 @@ from types import TracebackType
 from typing import Any
 
 import httpx
-import structlog
 
-from aggregator import exceptions, experiences
+from aggregator import exceptions, experiences, logs
 
 __all__ = ["Client", "ClientStats", "new_correlation_id"]
 
-log = structlog.get_logger("aggregator.client")
+log = logs.get_logger("aggregator.client")
 
 CHECKPOINTS = "/v1/checkpoints"
 RECORDS = "/v1/record"

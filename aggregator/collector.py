@@ -16,11 +16,9 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar
 
-import structlog
+from aggregator import billing, health, logs, meters, reports, store
 
-from aggregator import billing, health, meters, reports, store
-
-log = structlog.get_logger("aggregator.collector")
+log = logs.get_logger("aggregator.collector")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

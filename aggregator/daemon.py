@@ -14,13 +14,12 @@ import socket
 import time
 from collections.abc import Iterator
 
-import structlog
 import uvicorn
 
 from aggregator import api, config, exceptions, logs, metrics, systemd
 from aggregator.runtime import Aggregator
 
-log = structlog.get_logger("aggregator.daemon")
+log = logs.get_logger("aggregator.daemon")
 
 
 class _Server(uvicorn.Server):

@@ -24,11 +24,9 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Itera
 from pathlib import Path
 from typing import IO, Any
 
-import structlog
+from aggregator import billing, exceptions, logs, privacy, reports, store
 
-from aggregator import billing, exceptions, privacy, reports, store
-
-log = structlog.get_logger("aggregator.export")
+log = logs.get_logger("aggregator.export")
 
 FILE_MODE = 0o640
 PAGE_SIZE = 1000

@@ -19,11 +19,10 @@ import uuid
 from collections.abc import Callable
 
 import sqlalchemy as sa
-import structlog
 
-from aggregator import exceptions, experiences, health, meters, spool, store, tracker
+from aggregator import exceptions, experiences, health, logs, meters, spool, store, tracker
 
-log = structlog.get_logger("aggregator.flush")
+log = logs.get_logger("aggregator.flush")
 
 # A watermark is the swap's moment less this: a call that read the clock just before the swap but
 # appended just after it (a thread preempted in between) is still covered. A call stalled longer

@@ -18,13 +18,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import structlog
-
-from aggregator import billing, config, exceptions, experiences, privacy, store
+from aggregator import billing, config, exceptions, experiences, logs, privacy, store
 from aggregator.store.outbox import Settlement
 from aggregator.writers import Envelope, Outcome, Writer
 
-log = structlog.get_logger("aggregator.outbox")
+log = logs.get_logger("aggregator.outbox")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -24,7 +24,6 @@ import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
-import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from aggregator import (
@@ -35,6 +34,7 @@ from aggregator import (
     experiences,
     flush,
     health,
+    logs,
     migrate,
     signals,
     store,
@@ -47,7 +47,7 @@ from aggregator import writers as writers_module
 # The class has a method named `reports`; the type is imported by name so annotations stay unambiguous.
 from aggregator.reports import Report
 
-log = structlog.get_logger("aggregator")
+log = logs.get_logger("aggregator")
 T = TypeVar("T")
 
 DRAIN_INTERVAL = 0.2  # seconds

@@ -7,14 +7,15 @@ logged and ignored: the stop is bounded by ``stop_timeout``, and SIGKILL remains
 from __future__ import annotations
 
 import contextlib
-import logging
 import signal
 import threading
 from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
-log = logging.getLogger("aggregator.signals")
+from aggregator import logs
+
+log = logs.get_logger("aggregator.signals")
 
 _installed = False
 _SHIELDED = (signal.SIGTERM, signal.SIGINT)
@@ -62,8 +63,7 @@ def shielded(replica_id: str) -> Iterator[None]:
 
 def _ignore_during_stop(replica_id: str) -> Any:
     def handler(signum: int, _frame: FrameType | None) -> None:
-        log.warning("signal_ignored_during_stop: %s; the final flush goes on (bounded by stop_timeout); "
-                    "SIGKILL stops at once and loses what is not flushed", signal.Signals(signum).name,
-                    extra={"replica_id": replica_id, "signal": signal.Signals(signum).name})
+        log.warning("signal_ignored_during_stop", signal=signal.Signals(signum).name, replica_id=replica_id,
+                    hint="the final flush goes on, bounded by stop_timeout; SIGKILL stops at once")
 
     return handler

@@ -24,11 +24,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import sqlalchemy as sa
-import structlog
 
-from aggregator import config, exceptions, experiences, meters, store
+from aggregator import config, exceptions, experiences, logs, meters, store
 
-log = structlog.get_logger("aggregator.spool")
+log = logs.get_logger("aggregator.spool")
 
 FORMAT = 1  # the first byte of every payload; a reader refuses versions it does not know
 # PRAGMA user_version: the file's tables and the FORMAT of its payloads. A new FORMAT raises it too, so

@@ -11,9 +11,9 @@ import os
 import socket
 from collections.abc import Callable
 
-import structlog
+from aggregator import logs
 
-log = structlog.get_logger("aggregator.systemd")
+log = logs.get_logger("aggregator.systemd")
 
 # A failing notification socket fails the same way on every ping; one warning says it, more would flood.
 _warned = False

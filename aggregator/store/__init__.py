@@ -24,18 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-import structlog
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from aggregator import config, exceptions, schema
+from aggregator import config, exceptions, logs, schema
 from aggregator import experiences as journeys  # not .experiences below: that name is our submodule
 from aggregator import meters as metering  # likewise
 from aggregator.store.experiences import ExperienceQueries
 from aggregator.store.meters import MeterQueries
 from aggregator.store.outbox import OutboxQueries
 
-log = structlog.get_logger("aggregator.store")
+log = logs.get_logger("aggregator.store")
 
 # A server-side limit on how long one of our transactions may sit idle holding locks (a stalled or
 # partitioned holder), so that another replica can take over its work.

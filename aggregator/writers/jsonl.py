@@ -20,12 +20,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import structlog
-
-from aggregator import config, exceptions
+from aggregator import config, exceptions, logs
 from aggregator.writers import Envelope, Outcome, Writer, unknown_keys
 
-log = structlog.get_logger("aggregator.writers.jsonl")
+log = logs.get_logger("aggregator.writers.jsonl")
 
 FILE_MODE = 0o640
 DIRECTORY_MODE = 0o750

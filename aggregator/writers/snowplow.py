@@ -20,11 +20,10 @@ from typing import Any
 
 import httpx
 import jsonschema
-import structlog
 
-from aggregator import config, exceptions, iglu, writers
+from aggregator import config, exceptions, iglu, logs, writers
 
-log = structlog.get_logger("aggregator.writers.snowplow")
+log = logs.get_logger("aggregator.writers.snowplow")
 
 TP2_PATH = "/com.snowplowanalytics.snowplow/tp2"
 PAYLOAD_DATA = "iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-4"
