@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import sys
 import time
@@ -179,7 +180,9 @@ def _collect(args: argparse.Namespace) -> int:
     """Collect every due window with the configured writers, meters and billing; exit 1 if some stay held."""
     wait = config.parse_duration(args.wait, key="--wait", zero=True)
     settings = _daemon_settings(args)
-    agg = runtime.Aggregator.from_settings(settings.aggregator, handle_sigterm=False)
+    # Only this command's own collections run, so every report written here is the one it prints.
+    once = dataclasses.replace(settings.aggregator, collect_interval=86400.0)
+    agg = runtime.Aggregator.from_settings(once, handle_sigterm=False)
     deadline = time.monotonic() + wait
     agg.start(wait=max(wait, 10.0))
     written: list[reports.Report] = []

@@ -123,7 +123,8 @@ class Collector:
         before the window's end, is live: heard from within ``lease`` by the database's clock. Only a
         collector that has itself been in touch with the database for ``lease`` gives anybody up:
         after an outage, everybody's silence was the outage, and replicas get a lease to catch up.
-        ``max_delay`` after its end (by this collector's clock) a window is closed whatever holds it.
+        ``max_delay`` after its end (by this collector's clock, once it has been in touch for ``lease``) a
+        window is closed whatever holds it.
         A given-up incarnation counts as missing from a window if it may have lived into it: its
         watermark (its last word) is less than a lease before the window's start.
         """
@@ -137,7 +138,9 @@ class Collector:
         for start, end in windows:
             held = [i for i in holders if i.watermark < end]
             live = [i for i in held if not may_give_up or i.silent_for < self.lease]
-            overdue = now - end > self.max_delay
+            # Even max_delay waits for this collector's own lease of contact: right after an outage
+            # its clock says every window is late, and the replicas have not yet had a chance to flush.
+            overdue = may_give_up and now - end > self.max_delay
             if live and not overdue:
                 log.debug("window_held", window_start=start, by=sorted({i.replica_id for i in live})[:10],
                           live=len(live), collector_id=self.collector_id)
