@@ -9,14 +9,13 @@ dies mid-way leaves its window open for the next run anywhere.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar
 
-from aggregator import billing, health, logs, meters, reports, store
+from aggregator import billing, busy, health, logs, meters, reports, store
 
 log = logs.get_logger("aggregator.collector")
 
@@ -76,7 +75,7 @@ class Collector:
         self.billing = billing
         self.dedup_horizon = dedup_horizon
         self.window = window  # set: this collector also times out stale experiences
-        self.busy = asyncio.Lock()  # held while a run is in progress; stop() waits on it
+        self.busy = busy.Busy()  # held while a run is in progress; stop() waits on it, then calls it off
         self._last_prune = 0.0
 
     async def run_once(self) -> list[reports.Report]:

@@ -19,6 +19,8 @@ import uvicorn
 from aggregator import api, config, exceptions, logs, metrics, systemd
 from aggregator.runtime import Aggregator
 
+STOP_BACKSTOP_S = 5.0  # past the stop's own deadline, the daemon stops waiting for it
+
 log = logs.get_logger("aggregator.daemon")
 
 
@@ -86,9 +88,14 @@ async def _shutdown(settings: config.DaemonSettings, agg: Aggregator, server: uv
     server.should_exit = True  # stop accepting; requests in flight finish
     code = 0
     try:
-        async with asyncio.timeout(settings.shutdown_timeout):
-            await serving
-            await agg.astop()  # waits for a collection in progress, then the final flush
+        with contextlib.suppress(TimeoutError):  # uvicorn bounds its drain by a third of the time
+            async with asyncio.timeout(settings.shutdown_timeout / 2):
+                await serving
+        # The stop keeps its own deadline, the time left (the final flush, else the spool); this
+        # bound only guards against a loop that is stuck.
+        left = max(settings.shutdown_timeout - (time.monotonic() - began), settings.shutdown_timeout / 2)
+        async with asyncio.timeout(left + STOP_BACKSTOP_S):
+            await agg.astop(timeout=left)  # a collection in progress, then the final flush
     except TimeoutError:
         log.error("stop_timed_out", timeout_s=settings.shutdown_timeout,
                   unflushed_events=agg.status().get("unflushed_events"))

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
-from aggregator import exceptions, experiences, health, logs, meters, spool, store, tracker
+from aggregator import busy, exceptions, experiences, health, logs, meters, spool, store, tracker
 
 log = logs.get_logger("aggregator.flush")
 
@@ -70,7 +70,7 @@ class Flusher:
         self._sent: dict[int, tuple[set[int], set[int]]] = {}
         self._spool: spool.Spool | None = None  # this incarnation's, opened at the first spill
         self._spooled_events = 0
-        self.busy = asyncio.Lock()  # one flush at a time; stop() waits on it
+        self.busy = busy.Busy()  # one flush at a time; stop() waits on it, then calls it off
 
     @property
     def unflushed_events(self) -> int:
@@ -236,6 +236,9 @@ class Flusher:
                 now=self._clock(), meter_defs=self.recorder.meters if self.recorder else None,
                 urgencies=self.checkpoints.urgencies if self.checkpoints else None,
             )
+        except asyncio.CancelledError:  # a stop called it off: the batch stays queued (or is spooled)
+            log.info("flush_called_off", seq=batch.seq, events=batch.events, replica_id=self.replica_id)
+            raise
         except BaseException as exc:
             self.stats.failures += 1
             self.stats.last_error = f"{type(exc).__name__}: {exc}"

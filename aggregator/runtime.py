@@ -55,6 +55,9 @@ DRAIN_EAGER = 20_000  # calls folded at once above which the next drain follows 
 # How long start() waits for the first answer of the database before going on without it.
 FIRST_CONTACT_WAIT = 5.0
 CONNECT_BACKOFF_MAX = 30.0  # seconds between attempts to reach an unreachable database, at most
+SPOOL_SHARE = 0.25  # of stop_timeout kept for the spool when the final flush does not get through ...
+SPOOL_RESERVE_S = 1.0  # ... but no more than this
+CLOSE_MIN_S = 0.2  # closing the connections gets at least this, even past the deadline
 
 
 class Aggregator(beyond.MetersAndExperiences):
@@ -289,7 +292,8 @@ class Aggregator(beyond.MetersAndExperiences):
         self._loop, self._mode, self._state = asyncio.get_running_loop(), "async", "running"
         return self
 
-    async def astop(self) -> None:
+    async def astop(self, timeout: float | None = None) -> None:
+        """``stop()`` for asyncio hosts; ``timeout`` overrides stop_timeout (the daemon gives what is left)."""
         if self._state == "new" and self._has_pending():
             await self.astart()
         if self._state != "running":
@@ -299,7 +303,7 @@ class Aggregator(beyond.MetersAndExperiences):
         if self._mode == "thread":
             await asyncio.to_thread(self.stop)
             return
-        await self._close()
+        await self._close(timeout)
 
     async def aflush(self) -> None:
         self._require_running()
@@ -517,9 +521,17 @@ class Aggregator(beyond.MetersAndExperiences):
             log.error("spool_failed", error=str(exc), queued_events=flusher.unflushed_events,
                       replica_id=self.replica_id)
 
-    async def _close(self) -> None:
+    async def _close(self, timeout: float | None = None) -> None:
+        """Stop within ``timeout`` (default stop_timeout): jobs in progress, final flush, else the spool.
+
+        The last SPOOL_SHARE of the time (at most SPOOL_RESERVE_S) is kept for the spool: a job still
+        running when the flush's share is up is called off, and so is a final flush still waiting on
+        the database; what they had not confirmed is spooled, never dropped.
+        """
         assert self._store is not None and self._flusher is not None
-        deadline = time.monotonic() + self.settings.stop_timeout
+        budget = self.settings.stop_timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        flush_by = deadline - min(SPOOL_RESERVE_S, budget * SPOOL_SHARE)
         self._close_intake(finished=False)
         self._state = "stopping"
         if self._drainer is not None:
@@ -529,16 +541,14 @@ class Aggregator(beyond.MetersAndExperiences):
         try:
             if self._scheduler is not None:
                 # apscheduler cancels running jobs on shutdown: pause it, let a flush or collection in
-                # progress finish (they hold these locks), and only then shut it down.
+                # progress finish (until the flush's share of the time is up; then it is called off),
+                # and only then shut it down.
                 self._scheduler.pause()
                 for busy in (self._collector.busy if self._collector else None, self._flusher.busy):
-                    if busy is not None:
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                                async with busy:
-                                    pass
+                    if busy is not None and not await busy.settle(flush_by):
+                        log.warning("job_would_not_stop", replica_id=self.replica_id)
                 self._scheduler.shutdown(wait=False)
-            await self._final_flush(deadline)
+            await self._final_flush(flush_by, budget)
         finally:
             if self._connector is not None:
                 self._connector.cancel()
@@ -551,26 +561,41 @@ class Aggregator(beyond.MetersAndExperiences):
                 except exceptions.AggregatorError as exc:  # items stay queued; the database is what failed
                     log.warning("delivery_stop_failed", error=str(exc))
             self._tracker.finish()
-            with contextlib.suppress(exceptions.AggregatorError, OSError):
-                await self._store.close()
+            # A database that does not answer cannot hold the exit either: its connections are dropped.
+            with contextlib.suppress(exceptions.AggregatorError, OSError, TimeoutError):
+                async with asyncio.timeout(max(CLOSE_MIN_S, deadline - time.monotonic())):
+                    await self._store.close()
             self._state = "stopped"
             log.info("stopped", replica_id=self.replica_id)
 
-    async def _final_flush(self, deadline: float) -> None:
-        """Flush and mark this incarnation stopped, retrying until ``deadline``; then spool what is left."""
+    async def _final_flush(self, flush_by: float, budget: float) -> None:
+        """Flush and mark this incarnation stopped, retrying until ``flush_by``; then spool what is left.
+
+        Each attempt is cut off at ``flush_by``: a database that does not answer (a lock held, a
+        network black hole) must not hold the stop.
+        """
         flusher = self._flusher
         assert flusher is not None and self._ready is not None
         delay = 0.1
-        error: exceptions.StoreError | None = None
+        error: Exception | None = None
         while True:
             try:
                 if not self._ready.is_set():
                     raise exceptions.StoreUnavailable(self._contact.last_error or "the database never answered")
-                await flusher.flush(final=True)
+                attempt = asyncio.ensure_future(flusher.flush(final=True))
+                attempt.add_done_callback(_retrieved)
+                await asyncio.wait({attempt}, timeout=max(0.0, flush_by - time.monotonic()))
+                if not attempt.done():
+                    await flusher.busy.settle(time.monotonic())  # call it off; what it held stays queued
+                    attempt.cancel()
+                    error = exceptions.StoreUnavailable(
+                        f"the database did not answer the final flush within stop_timeout={budget:g}s")
+                    break
+                attempt.result()
                 return
             except exceptions.StoreError as exc:
                 error = exc
-                if time.monotonic() + delay > deadline:
+                if time.monotonic() + delay > flush_by:
                     break
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -581,8 +606,8 @@ class Aggregator(beyond.MetersAndExperiences):
             log.error("final_flush_failed", events_lost=lost, error=f"{error}; spool: {exc}",
                       replica_id=self.replica_id)
             raise exceptions.StoreUnavailable(
-                f"stop(): the final flush failed for {self.settings.stop_timeout:g}s and the spool could not "
-                f"take the rest: {lost} tracked events were not saved: {error}; {exc}") from exc
+                f"stop(): the final flush failed within {budget:g}s and the spool could not take the rest: "
+                f"{lost} tracked events were not saved: {error}; {exc}") from exc
         log.warning("final_flush_spooled", events=flusher.spooled_events, newly_spooled=spooled,
                     path=flusher.spool_path, error=str(error), replica_id=self.replica_id,
                     hint="the next start of a replica on this host with the same spool_dir replays them")
@@ -722,6 +747,12 @@ class Aggregator(beyond.MetersAndExperiences):
 _running: weakref.WeakSet[Aggregator] = weakref.WeakSet()
 _exit_hook_installed = False
 _exit_lock = threading.Lock()
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """A task called off is not awaited: take its outcome so asyncio does not report it as lost."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _register_exit(agg: Aggregator) -> None:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sqlite3
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
@@ -43,6 +45,7 @@ LOCK_TIMEOUT_MS = 30_000
 # Idle time allowed to a collector holding the report-order lock (it only has inserts left to send).
 REPORT_LOCK_IDLE_MS = 5_000
 SQLITE_BUSY_TIMEOUT_S = 60.0
+SQLITE_BUSY_SLICE_S = 0.1  # a writer waits for the lock in slices this long: see _begin_immediate
 _SQLITE_CHUNK = 50_000
 
 # Ids in sorted order, so concurrent flushes insert overlapping ids in one order and cannot deadlock.
@@ -658,5 +661,31 @@ def _sqlite_setup(engine: AsyncEngine) -> None:
 
     @sa.event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("aggregator_read_only") else "BEGIN IMMEDIATE")
+        if conn.get_execution_options().get("aggregator_read_only"):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            _begin_immediate(conn.connection.dbapi_connection)
+
+
+def _begin_immediate(dbapi_connection: Any) -> None:
+    """``BEGIN IMMEDIATE``, waiting for another process's write lock up to SQLITE_BUSY_TIMEOUT_S.
+
+    SQLite waits in its driver thread, where nothing can call it off (not even ``interrupt()``), so
+    it waits in slices of SQLITE_BUSY_SLICE_S: between them the task is back on the event loop, where
+    a stop that cannot wait any longer cancels it.
+    """
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_SLICE_S * 1000)}")
+        waited_until = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+        while True:
+            try:
+                cursor.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= waited_until:
+                    raise
+    finally:
+        cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        cursor.close()
 

@@ -1,0 +1,1 @@
+"""Applications that tests serve with real servers (gunicorn), as a service embedding aggregator would."""
