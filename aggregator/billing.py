@@ -2,7 +2,9 @@
 
 An event's id is derived from what it counts (meter, window, group, late), never drawn at random, so a
 re-delivery or a re-collection on any replica carries the same id and receivers can drop the duplicate.
-The event matches the shipped Iglu schema ``SCHEMA``; identifiers in it are pseudonymized on the way out.
+The event matches the shipped Iglu schema ``SCHEMA``; identifiers in it are pseudonymized on the way out,
+and so is its id: the group holds the raw dimensions, so the unkeyed id made here stays in the store and
+what leaves is ``privacy.Pseudonymizer.event_id()`` of it, keyed, with the same window time.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def event_id(meter: str, window_start: int, group_key: str, late: bool) -> uuid.
 
     The timestamp makes ids sort by window; the hash makes the id of a (meter, window, group, late)
     the same on every call and every replica. It is not unique across different inputs by construction,
-    only with the odds of a 74-bit hash collision within one millisecond (one window).
+    only with the odds of a 74-bit hash collision within one millisecond (one window). Unkeyed, it lets
+    anyone holding it confirm a guess of the raw dimensions: it is the store's id, never sent as it is.
     """
     unix_ms = window_start * 1000
     if isinstance(window_start, bool) or not isinstance(window_start, int) or not 0 <= unix_ms <= _MAX_UNIX_MS:

@@ -4,7 +4,8 @@ report → outbox (same commit) → delivery loop → writer. An item is marked 
 writer said so; a failure is retried with exponential backoff and jitter up to ``max_attempts``, then
 the item is dead-lettered with its last error (``aggregator outbox retry`` revives it). Loops are
 independent, so one writer that fails or hangs never delays another. Identifiers are pseudonymized
-here, the one place every outgoing item passes, before any writer sees them.
+here, the one place every outgoing item passes, before any writer sees them, and so are event ids
+derived from identifiers: the row keeps its unkeyed id, the writer gets the keyed one (privacy.py).
 """
 
 from __future__ import annotations
@@ -170,8 +171,9 @@ class Deliverer:
         # The item's own schema, not today's: an item queued by an earlier version (a usage_report 1-0-0,
         # without replicas_missing) is valid under the schema it was queued with, and goes out as such.
         data = self.pseudonymizer.apply(row["kind"], json.loads(row["payload"]))
-        return Envelope(event_id=row["event_id"], kind=row["kind"], schema=row["schema_uri"],
-                        occurred_at=row["occurred_at"], data=data, attempt=row["attempts"] + 1)
+        return Envelope(event_id=self.pseudonymizer.event_id(row["kind"], row["event_id"]), kind=row["kind"],
+                        schema=row["schema_uri"], occurred_at=row["occurred_at"], data=data,
+                        attempt=row["attempts"] + 1)
 
     def _settle(self, row: dict[str, Any], outcome: Outcome) -> Settlement:
         attempts = row["attempts"] + 1

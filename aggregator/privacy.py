@@ -6,12 +6,18 @@ An identifier becomes ``HMAC-SHA256(key, str(value))`` in hex, deterministic for
 id joins across reports without being readable. Allowlisted paths leave in clear: a declared path (all
 it matches) or a concrete one (``metadata.dimensions.runner``). Without a key, a writer that would emit
 an identifier not on the allowlist refuses to start (``require()``).
+
+Event ids are derived from what an item counts, so that a redelivery carries the same id; for some kinds
+that includes identifiers (a billable group's dimensions, a journey's correlation id), and anyone could
+confirm a guess against an unkeyed id. The store keeps that unkeyed id (the outbox's idempotency key);
+what leaves is ``event_id()``: the same UUID version, its other bits from HMAC-SHA256 under the key.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TypeAlias
 
@@ -26,7 +32,14 @@ IDENTIFIER_FIELDS: dict[str, tuple[str, ...]] = {
     # A timed-out experience: the journey's correlation id (the service's logs may tie it to a user).
     "experience_failure": ("correlation_id",),
 }
+# Kinds whose event ids are derived from identifiers, with the payload field that repeats the id (None:
+# only the envelope carries it). Their ids leave keyed; other kinds' ids (a report's window, an SLI's
+# window, experience and urgency) are derived from no identifier and leave as they are.
+KEYED_EVENT_IDS: dict[str, str | None] = {"billable_usage": "event_id", "experience_failure": None}
 MIN_KEY_BYTES = 16
+_UUID_BITS = (1 << 128) - 1
+_VERSION_AND_VARIANT = 0xF << 76 | 0b11 << 62
+_UUID7_TIME = ((1 << 48) - 1) << 80  # unix_ms: ids keep sorting by their window
 # Identifiers to hash, as a tree of keys: None marks a value to hash whole.
 _Tree: TypeAlias = dict[str, "_Tree | None"]
 
@@ -44,6 +57,8 @@ class Pseudonymizer:
                 f"pseudonym_key is {len(key)} bytes; use at least {MIN_KEY_BYTES}, e.g. from "
                 "`python3 -c 'import secrets; print(secrets.token_hex(32))'`")
         self._key = key
+        # Event ids get a key of their own, so no pseudonym of a value can ever equal an id's bits.
+        self._id_key = None if key is None else hmac.new(key, b"aggregator event id", hashlib.sha256).digest()
         self.allowlist = frozenset(allowlist)
         self.fields = dict(IDENTIFIER_FIELDS if fields is None else fields)
 
@@ -56,6 +71,27 @@ class Pseudonymizer:
         if self._key is None:
             raise exceptions.ConfigError("no pseudonym_key is set; set AGGREGATOR_PSEUDONYM_KEY")
         return hmac.new(self._key, str(value).encode(), hashlib.sha256).hexdigest()
+
+    def event_id(self, kind: str, internal: uuid.UUID) -> uuid.UUID:
+        """The id that item ``internal`` (the id the store keeps) of ``kind`` leaves with.
+
+        For a kind of ``KEYED_EVENT_IDS``: ``internal``'s version and variant bits (and a UUIDv7's
+        millisecond time), the other bits from HMAC-SHA256 of ``internal`` under the key. Deterministic,
+        so every delivery of an item, from any replica, carries one id; without the key no guess of the
+        identifiers behind it can be checked against it. Without a key the id leaves as it is only if
+        the identifiers it derives from leave in clear anyway (all on the allowlist).
+        """
+        if kind not in KEYED_EVENT_IDS:
+            return internal
+        if self._id_key is None:
+            if self.exposed(kind):
+                raise exceptions.ConfigError(
+                    f"{kind} event ids are derived from identifiers ({', '.join(self.exposed(kind))}) and no "
+                    "pseudonym_key is set; set AGGREGATOR_PSEUDONYM_KEY (at least 16 bytes)")
+            return internal
+        digest = hmac.new(self._id_key, kind.encode() + b"\x00" + internal.bytes, hashlib.sha256).digest()
+        kept = _VERSION_AND_VARIANT | (_UUID7_TIME if internal.version == 7 else 0)
+        return uuid.UUID(int=internal.int & kept | int.from_bytes(digest[:16], "big") & ~kept & _UUID_BITS)
 
     def exposed(self, kind: str) -> list[str]:
         """Identifier paths of ``kind`` that are not on the allowlist (they leave hashed)."""
@@ -77,14 +113,18 @@ class Pseudonymizer:
 
         Maps on the way to an identifier are copied, never changed in place. A value matched by several
         declared paths is hashed once; a None or absent value, or a path through something that is not
-        a map, is left as it is.
+        a map, is left as it is. An event id in the payload (``KEYED_EVENT_IDS``) becomes ``event_id()``.
         """
         targets: _Tree = {}
         for declared in self.fields.get(kind, ()):
             for keys in _matches(data, declared.split(".")):
                 if declared not in self.allowlist and ".".join(map(str, keys)) not in self.allowlist:
                     _plant(targets, keys)
-        return self._rebuild(data, targets)
+        out = self._rebuild(data, targets)
+        field = KEYED_EVENT_IDS.get(kind)
+        if field is not None and out.get(field) is not None:
+            out[field] = str(self.event_id(kind, uuid.UUID(str(out[field]))))
+        return out
 
     def _rebuild(self, values: Mapping[str, Any], targets: _Tree) -> dict[str, Any]:
         out = dict(values)
@@ -117,4 +157,4 @@ def _plant(tree: _Tree, keys: tuple[str, ...]) -> None:
         _plant(below, rest)
 
 
-__all__ = ["IDENTIFIER_FIELDS", "MIN_KEY_BYTES", "Pseudonymizer"]
+__all__ = ["IDENTIFIER_FIELDS", "KEYED_EVENT_IDS", "MIN_KEY_BYTES", "Pseudonymizer"]

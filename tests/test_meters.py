@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from aggregator import Aggregator, InvalidInput, InvalidType, metrics, store
+from aggregator import Aggregator, InvalidInput, InvalidType, metrics, privacy, store
 from tests.helpers import T0, WINDOW, FakeClock, manual
 from tests.test_outbox import KEY, Scripted, wait_for
 
@@ -169,7 +169,9 @@ def test_billable_events_carry_the_fields_and_keep_their_id_across_redelivery(da
             await db.close()
 
     (row,) = asyncio.run(stored())
-    assert event.event_id == row["event_id"] == uuid.UUID(event.data["event_id"])
+    # What leaves is the stored id keyed (privacy.Pseudonymizer.event_id), in the envelope and the event alike.
+    assert event.event_id == uuid.UUID(event.data["event_id"]) == privacy.Pseudonymizer(KEY).event_id(
+        "billable_usage", row["event_id"]) != row["event_id"]
     assert event.event_id.version == 7
     data = dict(event.data)
     assert (data["event_type"], data["unit_of_measure"], data["realm"], data["quantity"]) == (

@@ -28,7 +28,7 @@ TYPES: dict[str, str] = {
 class Envelope:
     """One outbox item, ready to leave: ``data`` holds no raw identifier (see privacy.py)."""
 
-    event_id: uuid.UUID  # stable per (item, writer): receivers drop duplicates by it
+    event_id: uuid.UUID  # stable per (item, writer): receivers drop duplicates by it; keyed (see privacy.py)
     kind: str  # "usage_report", ...
     schema: str  # Iglu URI of ``data``'s JSON Schema as queued, e.g. iglu:dev.aggregator/usage_report/jsonschema/1-0-1
     occurred_at: float  # epoch seconds of what the item describes (a report: its generation time)
