@@ -13,6 +13,7 @@ import json
 import os
 import re
 import tomllib
+import urllib.parse
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -101,6 +102,10 @@ def resolve_database_url(url: str | None) -> str:
             f"database_url={mask_url(url)!r} is not a database URL; "
             "use postgresql://user@host/db or sqlite:///path/to/file.db"
         ) from exc
+    if parsed.host is not None and "@" in parsed.host:  # no host has one: the user part was cut at the first
+        raise exceptions.ConfigError(
+            f"database_url={mask_url(url)!r}: the user name or password holds an unencoded '@', which ends the "
+            "user part early; percent-encode it as %40 (urllib.parse.quote(password, safe=''))")
     backend = parsed.get_backend_name()
     if backend in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+asyncpg")
@@ -140,12 +145,55 @@ def resolve_database_pooler(pooler: str | None) -> str:
     return str(value)
 
 
+# Query parameters that carry a secret: asyncpg's password and sslpassword, and anything named like one.
+_SECRET_PARAMETER = re.compile(r"(?i)([?&;][^=&#;]*(?:password|passwd|pwd|secret|token)[^=&#;]*=)([^&#;]*)")
+
+
+def _password_span(url: str) -> tuple[int, int] | None:
+    """Where the password of ``url``'s user part sits, as (start, end), or None when there is none.
+
+    The user part ends at the last ``@`` before the query, so a password with unencoded ``@`` (which
+    SQLAlchemy and libpq cut at the first one, taking the rest for the host) is found whole.
+    """
+    start = url.find("://") + 3
+    if start < 3:
+        return None
+    end = min([found for found in (url.find("?", start), url.find("#", start)) if found >= 0] or [len(url)])
+    at = url.rfind("@", start, end)
+    colon = url.find(":", start, at) if at >= 0 else -1
+    return None if colon < 0 else (colon + 1, at)
+
+
 def mask_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, safe for logs and error messages."""
+    """``url`` with every password replaced by ``***``, safe for logs and error messages.
+
+    Masked wherever it sits: in the user part (with any number of ``@`` in it) and in query parameters
+    named like a secret (``password``, ``sslpassword``, ``passwd``, ``pwd``, ``secret``, ``token``).
+    """
+    span = _password_span(url)
+    if span is not None:
+        url = f"{url[:span[0]]}***{url[span[1]:]}"
+    return _SECRET_PARAMETER.sub(r"\1***", url)
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secrets of ``url`` as a message may quote them, longest first: for scrubbing what we did not write.
+
+    The password as written, decoded, and as SQLAlchemy reads it (up to the first ``@``, the rest read as
+    the host), and the values of secret query parameters.
+    """
+    found: list[str] = []
+    span = _password_span(url)
+    if span is not None:
+        password = url[span[0]:span[1]]
+        found += [password, *password.split("@")[1:]]
+    found += [match.group(2) for match in _SECRET_PARAMETER.finditer(url)]
     try:
-        return sa.make_url(url).render_as_string(hide_password=True)
+        found.append(sa.make_url(url).password or "")
     except sa.exc.ArgumentError:
-        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+        pass
+    found += [urllib.parse.unquote(secret) for secret in found]
+    return sorted({secret for secret in found if secret}, key=len, reverse=True)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -371,6 +419,28 @@ def _listen(value: object, key: str) -> tuple[str, int]:
     return host, int(port)
 
 
+# Values nobody meant as secrets: those of systemd/aggregator.env.example, and their like.
+_PLACEHOLDER = re.compile(r"(?i:change[-_ ]?me|placeholder|example|replace[-_ ]?with)|xxxx|XXXX")
+_NEW_SECRET = "generate one with `python3 -c 'import secrets; print(secrets.token_hex(32))'`"
+
+
+def _not_placeholder(value: str, key: str, what: str, fix: str = _NEW_SECRET) -> str:
+    """``value``, unless it is a placeholder: then ConfigError naming ``key``, the placeholder word and ``fix``."""
+    if match := _PLACEHOLDER.search(value):
+        raise exceptions.ConfigError(
+            f"{key}: {what} contains {match.group(0)!r}, a placeholder (as in aggregator.env.example), not a "
+            f"secret; {fix}")
+    return value
+
+
+def _database_url(value: object, key: str) -> str:
+    url = _text(value, key)
+    span = _password_span(url)
+    if span is not None:
+        _not_placeholder(url[span[0]:span[1]], key, "the password", "give the database user's real one")
+    return url
+
+
 def _tokens(value: object, key: str) -> tuple[str, ...]:
     """Bearer tokens, each ``TOKEN`` (any use) or ``TOKEN:type1|type2`` (checkpoints of those types only)."""
     items = value.split(",") if isinstance(value, str) else value
@@ -378,6 +448,7 @@ def _tokens(value: object, key: str) -> tuple[str, ...]:
         raise exceptions.ConfigError(f"{key} must be a list of strings (TOML) or comma-separated (environment)")
     entries = tuple(t.strip() for t in items if t.strip())
     for index, (token, types) in enumerate(token_scopes(entries)):
+        _not_placeholder(token, key, f"token #{index + 1}")
         if len(token) < 16 or any(c.isspace() for c in token):
             # The value itself is a secret: name its position, never the token.
             raise exceptions.ConfigError(
@@ -452,7 +523,7 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("database_url", None, lambda v, k: _text(v, k),
+    Option("database_url", None, _database_url,
            "database URL (postgresql://... or sqlite:///path); unset: the embedded SQLite file", secret=True),
     Option("database_pooler", "none", lambda v, k: resolve_database_pooler(v),
            "connection pooler in front of PostgreSQL: none, or transaction for PgBouncer with pool_mode = transaction "
@@ -486,7 +557,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("shutdown_timeout", "30s", _duration, "bound on a clean stop: drain requests, final flush"),
     Option("writers", None, _named_tables,
            "report writers: TOML tables [writers.NAME] (type jsonl or snowplow); in the environment, the same as JSON"),
-    Option("pseudonym_key", None, lambda v, k: _text(v, k),
+    Option("pseudonym_key", None, lambda v, k: _not_placeholder(_text(v, k), k, "the key"),
            "secret key (>= 16 bytes) for HMAC-SHA256 pseudonyms of identifiers that leave the system", secret=True),
     Option("pseudonym_allowlist", "", _names, "identifier fields that may leave in clear (e.g. generated_by)"),
     Option("outbox_max_attempts", 12, _integer(1, 1000), "delivery attempts before an item is dead-lettered"),
@@ -549,8 +620,13 @@ class DaemonSettings:
 
 def load_daemon_settings(flags: dict[str, Any], environ: Mapping[str, str] | None = None,
                          config_path: str | None = None) -> DaemonSettings:
-    """Defaults < TOML file < environment < flags; every value parsed and validated once."""
+    """Defaults < TOML file < systemd credentials < environment < flags; every value parsed and validated once.
+
+    Credentials (``LoadCredential=``) are files named after a secret option (``database_url``,
+    ``api_tokens``, ``pseudonym_key``) in ``$CREDENTIALS_DIRECTORY``, read stripped.
+    """
     environ = os.environ if environ is None else environ
+    credentials = environ.get("CREDENTIALS_DIRECTORY")
     raw: dict[str, Any] = {o.key: o.default for o in OPTIONS}
     sources = {o.key: "default" for o in OPTIONS}
     path = config_path or environ.get("AGGREGATOR_CONFIG")
@@ -560,6 +636,9 @@ def load_daemon_settings(flags: dict[str, Any], environ: Mapping[str, str] | Non
         for key, value in _read_toml(Path(path)).items():
             raw[key], sources[key] = value, f"file {path}"
     for option in OPTIONS:
+        if option.secret and credentials and (Path(credentials) / option.key).is_file():
+            credential = Path(credentials) / option.key
+            raw[option.key], sources[option.key] = _read_credential(credential), f"credential {credential}"
         if option.env in environ:
             raw[option.key], sources[option.key] = environ[option.env], f"env {option.env}"
         if flags.get(option.key) is not None:
@@ -607,6 +686,16 @@ def _check_writers(settings: Settings, source: str) -> None:
         except exceptions.ConfigError as exc:
             raise exceptions.ConfigError(f"{exc} (set by {source})") from None
         pseudonymizer.require(outbox.sent_kinds(settings), f"writer {name!r}")
+
+
+def _read_credential(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        # The file holds a secret: say why it cannot be read, never what it holds.
+        reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+        raise exceptions.ConfigError(
+            f"credential {path} cannot be read: {reason}; check LoadCredential= in the unit") from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

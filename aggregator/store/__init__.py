@@ -143,22 +143,24 @@ def translate_errors(url: str) -> Any:
     PostgreSQL's errors are told apart by SQLSTATE: a missing table or column is an outdated schema; a
     prepared statement clash is a transaction pooler the settings do not know of; a pooler's refusal
     names the pooler; any other rejected statement is reported as the server words it. Lost
-    connections and timeouts are transient.
+    connections and timeouts are transient. Every secret of the URL (its password wherever it sits, see
+    ``config.url_secrets``) is scrubbed from what the driver or server said.
     """
     masked = config.mask_url(url)
-    password = sa.make_url(url).password
+    secrets = config.url_secrets(url)
     try:
         yield
     except exceptions.AggregatorError:
         raise
     except (sa.exc.IntegrityError, sa.exc.DataError) as exc:
         raise exceptions.StoreError(_scrub(f"database {masked} rejected the operation: {_first_line(exc)}",
-                                           password)) from exc
+                                           secrets)) from exc
     except sa.exc.DBAPIError as exc:
-        raise _translated(exc, masked, password) from exc
+        translated = _translated(exc, masked, None)
+        raise type(translated)(_scrub(str(translated), secrets)) from exc
     except (sa.exc.TimeoutError, OSError, TimeoutError) as exc:
         raise exceptions.StoreUnavailable(_scrub(
-            f"database {masked} unavailable: {type(exc).__name__}: {_first_line(exc)}", password)) from exc
+            f"database {masked} unavailable: {type(exc).__name__}: {_first_line(exc)}", secrets)) from exc
 
 
 def _translated(exc: sa.exc.DBAPIError, masked: str, password: str | None) -> exceptions.StoreError:
@@ -202,8 +204,12 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(orig).__name__
 
 
-def _scrub(message: str, password: str | None) -> str:
-    return message.replace(password, "***") if password else message
+def _scrub(message: str, password: str | Sequence[str] | None) -> str:
+    """``message`` with each of the secrets in ``password`` (one, or several: longest first) replaced by ``***``."""
+    for secret in [password] if isinstance(password, str) else password or ():
+        if secret:
+            message = message.replace(secret, "***")
+    return message
 
 
 # asyncpg's numeric connection arguments: a URL query gives text, which asyncpg would compare with numbers.
@@ -274,7 +280,8 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries):
         self.dialect = parsed.get_backend_name()
         with translate_errors(url):
             if self.dialect == "sqlite":
-                Path(parsed.database or "").expanduser().parent.mkdir(parents=True, exist_ok=True)
+                # The file holds raw ids: a directory made here is the owner's alone (the files: _sqlite_setup).
+                Path(parsed.database or "").expanduser().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 self.engine = create_async_engine(
                     url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, pool_size=pool_size
                 )
@@ -650,9 +657,18 @@ def _sqlite_setup(engine: AsyncEngine) -> None:
     then deadlock upgrading it, and a flush and a collection of one window are strictly ordered.
     """
 
+    database = engine.url.database or ""
+
     @sa.event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        # The files hold raw ids: owner only. Opening created the database file (umask 0644 at most);
+        # SQLite gives its -wal and -shm the database file's mode, so narrowing it first covers them,
+        # and ones left by an earlier process are narrowed too. A file of another user stays as it is.
+        for path in (Path(database), Path(f"{database}-wal"), Path(f"{database}-shm")):
+            with contextlib.suppress(OSError):
+                if path.is_file() and path.stat().st_mode & 0o077:
+                    path.chmod(0o600)
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
         cursor.execute("PRAGMA journal_mode = WAL")
