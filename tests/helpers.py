@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -46,3 +47,54 @@ def by_window(reports: Iterable[Report]) -> dict[int, Report]:
 def total_requests(reports: Iterable[Report]) -> int:
     return sum(r.allowed_requests + r.denied_requests + r.late_allowed_requests + r.late_denied_requests
                for r in reports)
+
+
+def assert_exact_per_window(truths: Iterable[dict[int, Any]], reports: list[Report]) -> None:
+    """Each window has one report, equal to the ground truth merged from ``truths`` (what replica processes
+    put: window start -> (workspaces, users, allowed, denied)), and nothing came late."""
+    truth: dict[int, list[Any]] = {}
+    for part in truths:
+        for start, (ws, users, allowed, denied) in part.items():
+            t = truth.setdefault(start, [set(), set(), 0, 0])
+            t[0] |= set(ws)
+            t[1] |= set(users)
+            t[2] += allowed
+            t[3] += denied
+    got = by_window(reports)
+    assert len(got) == len(reports), "more than one report for a window"
+    assert set(truth) <= set(got)
+    mismatches = [
+        (start, (r.unique_workspaces, r.unique_users, r.allowed_requests, r.denied_requests),
+         (len(t[0]), len(t[1]), t[2], t[3]))
+        for start, t in sorted(truth.items())
+        if (r := got[start]) and (r.unique_workspaces, r.unique_users, r.allowed_requests, r.denied_requests)
+        != (len(t[0]), len(t[1]), t[2], t[3])
+    ]
+    assert mismatches == []
+    assert sum(r.late_allowed_requests + r.late_denied_requests for r in reports) == 0
+    assert total_requests(reports) == sum(t[2] + t[3] for t in truth.values())
+
+
+def far_future_reader(url: str) -> Aggregator:
+    """A collector whose clock is past every window a test could have written; a replica that died
+    without stopping holds its windows for the (short) lease of 1 s."""
+    return Aggregator(database_url=url, window=f"{WINDOW}s", grace=f"{GRACE}s", flush_interval="1h",
+                      collect_interval="1h", replica_lease="1s", clock=lambda: time.time() + 10 * WINDOW,
+                      handle_sigterm=False)
+
+
+def collect_all(reader: Aggregator, within: float = 30.0) -> None:
+    """Collect until no finished window is held (a killed replica's are, for its lease)."""
+    deadline = time.monotonic() + within
+    reader.collect()
+    while reader._call(reader.aheld_windows):
+        assert time.monotonic() < deadline, "windows still held"
+        time.sleep(0.2)
+        reader.collect()
+
+
+def reported(url: str) -> int:
+    """Every request in the reports of ``url``, late fields included, after collecting every window."""
+    with far_future_reader(url) as reader:
+        collect_all(reader)
+        return total_requests(reader.reports())

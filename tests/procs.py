@@ -69,6 +69,11 @@ def stress_replica(url: str, index: int, threads: int, window: int, duration: fl
     """One replica process of the stress test: ``threads`` threads tracking, truth kept per window."""
     agg = Aggregator(database_url=url, window=f"{window}s", flush_interval="0.25s", grace="4s",
                      collect_interval="0.5s", replica_id=f"stress-{index}", handle_sigterm=False)
+    track_with_truth(agg, index, threads, window, duration, out)
+
+
+def track_with_truth(agg: Aggregator, index: int, threads: int, window: int, duration: float, out: Any) -> None:
+    """Start ``agg``, track from ``threads`` threads for ``duration``, stop; put the truth per window on ``out``."""
     agg.start()
     truths: list[dict[int, list[Any]]] = []
     deadline = time.time() + duration

@@ -89,22 +89,28 @@ def export_billable(url: str, key: str, out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_billable_event_id_cannot_be_brute_forced_back_to_raw_dimensions(database_url: str, tmp_path: Path) -> None:
-    """The finding's attack, replayed: the stored (unkeyed) id is among 10,000 candidates' ids, but the id a
-    writer got and the id an export wrote match none of them. Both are the same keyed UUIDv7, whose time is
-    still the window's start."""
+def billed_twice(database_url: str, minutes: float) -> Recording:
+    """A replica records ``minutes`` of ci_minutes for TRUTH, reports the window and delivers it twice."""
     clock = FakeClock()
     sink = Recording()
     agg = manual(database_url, clock, meters=METERS, writers=[sink], pseudonym_key=KEY,
                  outbox={"backoff_initial": "1s"}).start()
     try:
-        agg.record("ci_minutes", 90.5, TRUTH)
+        agg.record("ci_minutes", minutes, TRUTH)
         agg.flush()
         clock.past_window(T0)
         agg.collect()
         deliver_twice(agg, sink, clock)
     finally:
         agg.stop()
+    return sink
+
+
+def test_billable_event_id_cannot_be_brute_forced_back_to_raw_dimensions(database_url: str, tmp_path: Path) -> None:
+    """The finding's attack, replayed: the stored (unkeyed) id is among 10,000 candidates' ids, but the id a
+    writer got and the id an export wrote match none of them. Both are the same keyed UUIDv7, whose time is
+    still the window's start."""
+    sink = billed_twice(database_url, 90.5)
     candidates = unkeyed_billable_candidates()
     assert len(candidates) == 10_000
     stored = billing.event_id("ci_minutes", T0, meters.group_key(TRUTH), False)
@@ -121,18 +127,7 @@ def test_billable_event_ids_are_stable_across_deliveries_and_differ_between_keys
         database_url: str, tmp_path: Path) -> None:
     """A redelivered event carries the id of its first delivery, in the envelope and the event; an export
     under the same key writes that id again, and under another key another id."""
-    clock = FakeClock()
-    sink = Recording()
-    agg = manual(database_url, clock, meters=METERS, writers=[sink], pseudonym_key=KEY,
-                 outbox={"backoff_initial": "1s"}).start()
-    try:
-        agg.record("ci_minutes", 12.25, TRUTH)
-        agg.flush()
-        clock.past_window(T0)
-        agg.collect()
-        deliver_twice(agg, sink, clock)
-    finally:
-        agg.stop()
+    sink = billed_twice(database_url, 12.25)
     first, second = sink.sent(billing.KIND)
     assert (second.attempt, first.event_id) == (2, second.event_id)
     assert first.data["event_id"] == second.data["event_id"] == str(first.event_id)

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from aggregator import Aggregator, ConfigError, SchemaOutdated, StoreError, StoreUnavailable, migrate, store
 from tests import procs_pgbouncer
-from tests.helpers import T0, WINDOW, FakeClock, by_window, ids, manual, total_requests
+from tests.helpers import T0, WINDOW, FakeClock, assert_exact_per_window, ids, manual
 from tests.test_cli import aggregator
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -99,28 +99,13 @@ def test_replica_processes_through_pgbouncer_report_exactly(pgbouncer_url: str) 
     for p in workers:
         p.join(30)
     assert [p.exitcode for p in workers] == [0] * 4
-    truth: dict[int, list[Any]] = {}
-    for part in truths:
-        for start, (ws, users, allowed, denied) in part.items():
-            t = truth.setdefault(start, [set(), set(), 0, 0])
-            t[0] |= set(ws)
-            t[1] |= set(users)
-            t[2] += allowed
-            t[3] += denied
     reader = Aggregator(database_url=pgbouncer_url, database_pooler="transaction", window=f"{window}s",
                         flush_interval="1h", collect_interval="1h", clock=lambda: time.time() + 60,
                         handle_sigterm=False)
     with reader:
         reader.collect()
         reports = reader.reports()
-    got = by_window(reports)
-    assert len(got) == len(reports), "more than one report for a window"
-    assert set(truth) <= set(got)
-    assert total_requests(reports) == sum(t[2] + t[3] for t in truth.values())
-    assert sum(r.late_allowed_requests + r.late_denied_requests for r in reports) == 0
-    assert [(start, got[start].unique_workspaces, got[start].unique_users, got[start].allowed_requests,
-             got[start].denied_requests) for start in sorted(truth)] == [
-        (start, len(t[0]), len(t[1]), t[2], t[3]) for start, t in sorted(truth.items())]
+    assert_exact_per_window(truths, reports)
 
 
 @pytest.mark.parametrize("empty_database_url", ["postgresql"], indirect=True)

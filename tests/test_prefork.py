@@ -19,10 +19,9 @@ import gunicorn  # type: ignore[import-untyped]  # no stubs; only its version is
 import httpx
 import pytest
 
-from aggregator import Aggregator
 from tests import procs_stop
 from tests.faults import free_port
-from tests.helpers import GRACE, WINDOW, total_requests
+from tests.helpers import reported
 
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN = Path(sys.executable).parent / "gunicorn"
@@ -33,18 +32,6 @@ REQUESTS_PER_CYCLE = 200
 WORKERS = 4
 # gunicorn 25.1+ opens a control socket at one path in $HOME by default: masters running at once would share it.
 NO_CONTROL_SOCKET = ["--no-control-socket"] if gunicorn.version_info >= (25, 1) else []
-
-
-def _far_future_reader(url: str) -> Aggregator:
-    """A collector whose clock is past every window the test could have written."""
-    return Aggregator(database_url=url, window=f"{WINDOW}s", grace=f"{GRACE}s", flush_interval="1h",
-                      collect_interval="1h", clock=lambda: time.time() + 10 * WINDOW, handle_sigterm=False)
-
-
-def _reported(url: str) -> int:
-    with _far_future_reader(url) as reader:
-        reader.collect()
-        return total_requests(reader.reports())
 
 
 def _group_gone(pgid: int) -> bool:
@@ -129,7 +116,7 @@ def test_gunicorn_start_stop_cycles_never_hang_print_no_traceback_and_lose_nothi
     """gunicorn -w 4 (with and without --preload) serving an app that starts an Aggregator at import,
     started and stopped with SIGTERM CYCLES (10) times: each master exits 0 within stop_timeout plus a margin
     (none killed), no output has a traceback, and the reports count exactly every request sent."""
-    sent_total, timings = 0, []
+    sent_total, timings, served = 0, [], []
     for cycle in range(CYCLES):
         log = tmp_path / f"gunicorn-{cycle}.log"
         sent, took, code, output, served_by = _cycle(sqlite_url, preload, cycle, log)
@@ -137,11 +124,13 @@ def test_gunicorn_start_stop_cycles_never_hang_print_no_traceback_and_lose_nothi
         assert code is not None, f"cycle {cycle}: the master hung {took:.1f}s after SIGTERM; killed\n{output}"
         assert code == 0, f"cycle {cycle}: exit code {code}\n{output}"
         assert "Traceback" not in output, f"cycle {cycle}:\n{output}"
-        assert served_by >= 2, f"cycle {cycle}: only {served_by} worker served"
+        served.append(served_by)
         sent_total += sent
     print(f"\n{'--preload' if preload else 'no preload'}: {CYCLES} cycles, master exit after SIGTERM "
-          f"min {min(timings):.2f}s max {max(timings):.2f}s; {sent_total} requests sent")
-    assert _reported(sqlite_url) == sent_total
+          f"min {min(timings):.2f}s max {max(timings):.2f}s; {sent_total} requests sent; workers serving {served}")
+    # Most cycles spread requests over several workers; the kernel may give one worker a whole cycle.
+    assert sum(n >= 2 for n in served) >= CYCLES // 2, served
+    assert reported(sqlite_url) == sent_total
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
@@ -173,4 +162,4 @@ def test_fork_after_start_children_exit_normally_without_hang_traceback_or_loss(
     assert code == 0, output
     assert f"children exited {[0] * children}" in output, output
     assert "Traceback" not in output, output
-    assert _reported(url) == (1 + children) * procs_stop.requests_in(calls)
+    assert reported(url) == (1 + children) * procs_stop.requests_in(calls)

@@ -15,28 +15,20 @@ import pytest
 
 from aggregator import Aggregator
 from tests import procs
-from tests.helpers import GRACE, T0, WINDOW, FakeClock, by_window, ids, manual, total_requests
+from tests.helpers import (
+    T0,
+    WINDOW,
+    FakeClock,
+    assert_exact_per_window,
+    collect_all,
+    far_future_reader,
+    ids,
+    manual,
+    total_requests,
+)
 
 SPAWN = multiprocessing.get_context("spawn")
 WS, USERS = ids(5), ids(50, offset=1000)
-
-
-def _far_future_reader(url: str) -> Aggregator:
-    """A collector whose clock is past every window the test could have written; a replica that died
-    without stopping holds its windows for the (short) lease of 1 s."""
-    return Aggregator(database_url=url, window=f"{WINDOW}s", grace=f"{GRACE}s", flush_interval="1h",
-                      collect_interval="1h", replica_lease="1s", clock=lambda: time.time() + 10 * WINDOW,
-                      handle_sigterm=False)
-
-
-def _collect_all(reader: Aggregator, within: float = 30.0) -> None:
-    """Collect until no finished window is held (a killed replica's are, for its lease)."""
-    deadline = time.monotonic() + within
-    reader.collect()
-    while reader._call(reader.aheld_windows):
-        assert time.monotonic() < deadline, "windows still held"
-        time.sleep(0.2)
-        reader.collect()
 
 
 def test_collectors_in_several_processes_write_one_report_per_window(database_url: str) -> None:
@@ -102,7 +94,7 @@ def test_sigterm_flushes_everything_tracked(database_url: str) -> None:
     os.kill(child.pid, signal.SIGTERM)
     child.join(30)
     assert child.exitcode == 128 + signal.SIGTERM
-    with _far_future_reader(database_url) as reader:
+    with far_future_reader(database_url) as reader:
         reader.collect()
         reported = total_requests(reader.reports())
     assert counter.value >= 20_000
@@ -121,7 +113,7 @@ def test_interpreter_exit_without_stop_flushes_everything(database_url: str) -> 
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    with _far_future_reader(database_url) as reader:
+    with far_future_reader(database_url) as reader:
         reader.collect()
         reports = reader.reports()
     assert total_requests(reports) == 3000
@@ -144,8 +136,8 @@ def test_sigkill_loses_at_most_the_unflushed_interval(database_url: str, record_
     os.kill(child.pid, signal.SIGKILL)
     child.join(10)
     tracked = counter.value
-    with _far_future_reader(database_url) as reader:
-        _collect_all(reader)
+    with far_future_reader(database_url) as reader:
+        collect_all(reader)
         reports = reader.reports()
         reported = total_requests(reports)
     lost = tracked - reported
@@ -202,33 +194,12 @@ def test_stress_processes_threads_short_windows(database_url: str) -> None:
     for p in workers:
         p.join(30)
     assert [p.exitcode for p in workers] == [0] * 3
-    truth: dict[int, list] = {}
-    for part in truths:
-        for start, (ws, users, allowed, denied) in part.items():
-            t = truth.setdefault(start, [set(), set(), 0, 0])
-            t[0] |= set(ws)
-            t[1] |= set(users)
-            t[2] += allowed
-            t[3] += denied
     reader = Aggregator(database_url=database_url, window=f"{window}s", grace="4s", flush_interval="1h",
                         collect_interval="1h", clock=lambda: time.time() + 60, handle_sigterm=False)
     with reader:
         reader.collect()
         reports = reader.reports()
-    got = by_window(reports)
-    assert len(got) == len(reports), "more than one report for a window"
-    assert set(truth) <= set(got)
-    mismatches = [
-        (start, (r.unique_workspaces, r.unique_users, r.allowed_requests, r.denied_requests),
-         (len(t[0]), len(t[1]), t[2], t[3]))
-        for start, t in sorted(truth.items())
-        if (r := got[start]) and (r.unique_workspaces, r.unique_users, r.allowed_requests, r.denied_requests)
-        != (len(t[0]), len(t[1]), t[2], t[3])
-    ]
-    assert mismatches == []
-    assert sum(r.late_allowed_requests + r.late_denied_requests for r in reports) == 0
-    assert total_requests(reports) == sum(t[2] + t[3] for t in truth.values())
-    assert len(truth) >= duration / window - 1
+    assert_exact_per_window(truths, reports)
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from aggregator import Aggregator
 from tests import procs_stop
 from tests.faults import TcpProxy, wait_for
-from tests.helpers import GRACE, WINDOW, total_requests
+from tests.helpers import GRACE, WINDOW, reported
 from tests.test_daemon import AUTH, TOKEN, Daemon
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -116,19 +116,6 @@ def _wait_or_kill(process: subprocess.Popen[bytes], seconds: float) -> int | Non
         return None
 
 
-def _far_future_reader(url: str) -> Aggregator:
-    """A collector whose clock is past every window the test could have written."""
-    return Aggregator(database_url=url, window=f"{WINDOW}s", grace=f"{GRACE}s", flush_interval="1h",
-                      collect_interval="1h", clock=lambda: time.time() + 10 * WINDOW, handle_sigterm=False)
-
-
-def _reported(url: str) -> int:
-    """Every request in the reports of ``url``, late fields included, after collecting every window."""
-    with _far_future_reader(url) as reader:
-        reader.collect()
-        return total_requests(reader.reports())
-
-
 def _lines_with(output: str, event: str) -> list[str]:
     return [line for line in output.splitlines() if event in line]
 
@@ -215,7 +202,7 @@ def test_second_sigterm_during_the_final_flush_is_logged_and_loses_nothing(datab
     assert child.exitcode == 128 + signal.SIGTERM, output  # the first SIGTERM's SystemExit(143)
     assert len(_lines_with(output, IGNORED)) == 2, output  # the second SIGTERM and the SIGINT
     assert "Traceback" not in output
-    assert _reported(database_url) == counter.value
+    assert reported(database_url) == counter.value
 
 
 # ---- b: the same for the daemon -----------------------------------------------------------------------
@@ -242,7 +229,7 @@ def test_daemon_second_sigterm_during_the_final_flush_is_logged_and_loses_nothin
     assert still_flushing, output
     assert code == 0, output
     assert "Traceback" not in output
-    assert _reported(database_url) == accepted
+    assert reported(database_url) == accepted
     assert len(_lines_with(output, IGNORED)) == 2, output
 
 
@@ -256,6 +243,23 @@ def _unwritable_spool_dir(tmp_path: Path) -> Path:
     return blocker / "spool"
 
 
+def _cut_then_sigterm(brake: Brake, tmp_path: Path, spool_dir: Path, shutdown_timeout: float, posts: int,
+                      per_post: int) -> tuple[int, int | None, float, str]:
+    """A daemon through ``brake`` accepts events, the brake cuts the database, SIGTERM: returns (requests
+    accepted, exit code or None if it had to be killed, seconds from SIGTERM to exit, its output)."""
+    daemon = _daemon(tmp_path, brake.url, "--spool-dir", str(spool_dir), "--shutdown-timeout",
+                     f"{shutdown_timeout:g}s")
+    try:
+        accepted = _post_events(daemon, posts=posts, per_post=per_post)
+        brake.cut()
+        began = time.monotonic()
+        daemon.process.send_signal(signal.SIGTERM)
+        code = _wait_or_kill(daemon.process, shutdown_timeout + STOP_MARGIN)
+        return accepted, code, time.monotonic() - began, daemon.output()
+    finally:
+        daemon.close()
+
+
 def test_daemon_loss_at_exit_is_logged_with_its_count_and_exits_non_zero(outage: tuple[str, str],
                                                                           tmp_path: Path) -> None:
     """The database is gone at stop and the spool directory cannot be written: `aggregator run` exits
@@ -264,18 +268,8 @@ def test_daemon_loss_at_exit_is_logged_with_its_count_and_exits_non_zero(outage:
     database_url, kind = outage
     posts, per_post, shutdown_timeout = 3, 411, 3.0
     with Brake(database_url, kind) as brake:
-        daemon = _daemon(tmp_path, brake.url, "--spool-dir", str(_unwritable_spool_dir(tmp_path)),
-                         "--shutdown-timeout", f"{shutdown_timeout:g}s")
-        try:
-            _post_events(daemon, posts=posts, per_post=per_post)
-            brake.cut()
-            began = time.monotonic()
-            daemon.process.send_signal(signal.SIGTERM)
-            code = _wait_or_kill(daemon.process, shutdown_timeout + STOP_MARGIN)
-            took = time.monotonic() - began
-            output = daemon.output()
-        finally:
-            daemon.close()
+        _, code, took, output = _cut_then_sigterm(brake, tmp_path, _unwritable_spool_dir(tmp_path), shutdown_timeout,
+                                                  posts, per_post)
     print(f"\nexit code {code} {took:.2f}s after SIGTERM")
     assert code is not None, f"hung: no exit within {shutdown_timeout + STOP_MARGIN:g}s of SIGTERM; killed\n{output}"
     failed = _lines_with(output, "final_flush_failed")
@@ -353,7 +347,7 @@ def test_unreachable_database_at_stop_is_spooled_and_replayed_by_the_next_start(
         brake.release()
         _replay(brake.url, spool_dir)
     assert took < 2 + 1, output
-    assert _reported(database_url) == procs_stop.requests_in(calls)
+    assert reported(database_url) == procs_stop.requests_in(calls)
 
 
 def test_daemon_unreachable_database_at_stop_is_spooled_and_replayed(outage: tuple[str, str],
@@ -364,18 +358,7 @@ def test_daemon_unreachable_database_at_stop_is_spooled_and_replayed(outage: tup
     database_url, kind = outage
     spool_dir, shutdown_timeout = tmp_path / "spool", 3.0
     with Brake(database_url, kind) as brake:
-        daemon = _daemon(tmp_path, brake.url, "--spool-dir", str(spool_dir), "--shutdown-timeout",
-                         f"{shutdown_timeout:g}s")
-        try:
-            accepted = _post_events(daemon, posts=3, per_post=411)
-            brake.cut()
-            began = time.monotonic()
-            daemon.process.send_signal(signal.SIGTERM)
-            code = _wait_or_kill(daemon.process, shutdown_timeout + STOP_MARGIN)
-            took = time.monotonic() - began
-            output = daemon.output()
-        finally:
-            daemon.close()
+        accepted, code, took, output = _cut_then_sigterm(brake, tmp_path, spool_dir, shutdown_timeout, 3, 411)
         print(f"\nexit code {code} {took:.2f}s after SIGTERM")
         assert code is not None, f"hung: no exit within {shutdown_timeout + STOP_MARGIN:g}s of SIGTERM\n{output}"
         assert code == 0, output
@@ -383,4 +366,4 @@ def test_daemon_unreachable_database_at_stop_is_spooled_and_replayed(outage: tup
         assert "Traceback" not in output
         brake.release()
         _replay(brake.url, spool_dir)
-    assert _reported(database_url) == accepted
+    assert reported(database_url) == accepted
