@@ -128,6 +128,13 @@ class Flusher:
                             path=self.spool_path, replica_id=self.replica_id)
             return moved
 
+    def release_spool(self) -> None:
+        """At stop: let this incarnation's spool go (deleted if empty), for the next start to adopt,
+        even one in this same process."""
+        if self._spool is not None:
+            self._spool.close(delete_if_empty=True)
+            self._spool = None
+
     def spool_directory(self) -> pathlib.Path:
         """This database's folder in the spool directory: a spool is only ever replayed into its own database."""
         url = sa.make_url(self.store.url)

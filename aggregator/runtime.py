@@ -561,6 +561,7 @@ class Aggregator(beyond.MetersAndExperiences):
                 except exceptions.AggregatorError as exc:  # items stay queued; the database is what failed
                     log.warning("delivery_stop_failed", error=str(exc))
             self._tracker.finish()
+            self._flusher.release_spool()
             # A database that does not answer cannot hold the exit either: its connections are dropped.
             with contextlib.suppress(exceptions.AggregatorError, OSError, TimeoutError):
                 async with asyncio.timeout(max(CLOSE_MIN_S, deadline - time.monotonic())):
@@ -668,7 +669,12 @@ class Aggregator(beyond.MetersAndExperiences):
         if running is loop:
             raise exceptions.AggregatorError(
                 "this call would block the event loop it needs; use the async form (aflush, areports)")
-        return asyncio.run_coroutine_threadsafe(fn(), loop).result()
+        try:
+            return asyncio.run_coroutine_threadsafe(fn(), loop).result()
+        except concurrent.futures.CancelledError:  # a stop called it off (see busy.py)
+            raise exceptions.StoreUnavailable(
+                "called off: the Aggregator is stopping and the database did not answer in time; what this call "
+                "was saving stays queued for the final flush, or the spool") from None
 
     async def _on_own_loop(self, fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """Await ``fn()`` on this aggregator's loop (its connections belong to it), from any loop."""

@@ -367,3 +367,47 @@ def test_daemon_unreachable_database_at_stop_is_spooled_and_replayed(outage: tup
         brake.release()
         _replay(brake.url, spool_dir)
     assert reported(database_url) == accepted
+
+
+# ---- e: a host's flush() still waiting when the stop calls it off -----------------------------------
+
+
+def test_a_flush_called_off_by_stop_raises_store_unavailable_and_its_events_are_spooled(sqlite_url: str,
+                                                                                       tmp_path: Path) -> None:
+    """Another process holds SQLite's write lock; a host thread's flush() waits on it when stop() (stop_timeout
+    2 s) comes: the flush is called off with StoreUnavailable (our exception, not a CancelledError), stop()
+    returns within its bound, and the events are spooled, then replayed by the next start."""
+    import threading
+
+    from aggregator import StoreUnavailable
+
+    spool_dir = tmp_path / "spool"
+    agg = Aggregator(database_url=sqlite_url, window=f"{WINDOW}s", grace=f"{GRACE}s", flush_interval="1h",
+                     collect=False, stop_timeout="2s", spool_dir=str(spool_dir), handle_sigterm=False).start()
+    for n in range(100):
+        agg.track(uuid.UUID(int=1), uuid.UUID(int=1000 + n))
+    holder = sqlite3.connect(sa.make_url(sqlite_url).database or "", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    outcome: list[BaseException | None] = []
+
+    def flush() -> None:
+        try:
+            agg.flush()
+            outcome.append(None)
+        except BaseException as exc:  # the assertion below names what it was
+            outcome.append(exc)
+
+    flusher = threading.Thread(target=flush)
+    flusher.start()
+    time.sleep(0.5)  # the flush is waiting on the lock
+    began = time.monotonic()
+    agg.stop()
+    took = time.monotonic() - began
+    flusher.join(5)
+    holder.rollback()
+    holder.close()
+    assert len(outcome) == 1 and isinstance(outcome[0], StoreUnavailable), outcome
+    assert took < 2 + 1
+    assert list(spool_dir.rglob("*.spool"))
+    _replay(sqlite_url, spool_dir)
+    assert reported(sqlite_url) == 100
