@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from aggregator import exceptions, experiences, logs
+from aggregator import exceptions, experiences, logs, values
 
 __all__ = ["Client", "ClientStats", "new_correlation_id"]
 
@@ -167,23 +167,30 @@ class Client:
                                 "event_id": str(uuid.uuid4()) if event_id is None else _text("event_id", event_id, 128)}
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, int | float | str):
-                raise exceptions.InvalidType(f"value={value!r} is a {_kind(value)}; pass an int, float, "
+                raise exceptions.InvalidType(f"value={values.shown(value)} is a {_kind(value)}; pass an int, float, "
                                              "decimal string or None")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise exceptions.InvalidInput(f"value={value!r} is not finite; pass a finite number")
+            # A sum's amount or a distinct meter's item: only the server knows the meter; bound it here.
+            if isinstance(value, float):
+                if not math.isfinite(value):
+                    raise exceptions.InvalidInput(f"value={value!r} is not finite; pass a finite number")
+            else:
+                values.text(value, "value")
             item["value"] = value
         if dimensions is not None:
             if not isinstance(dimensions, Mapping):
                 raise exceptions.InvalidType(f"dimensions={dimensions!r} is a {_kind(dimensions)}; pass a dict")
             for key, dimension in dimensions.items():
                 if not isinstance(key, str) or isinstance(dimension, bool) or not isinstance(dimension, str | int):
-                    raise exceptions.InvalidType(f"dimensions[{key!r}]={dimension!r}: keys are strings, values "
-                                                 "strings or ints")
-                if isinstance(dimension, str) and len(dimension) > 256:
-                    raise exceptions.InvalidInput(f"dimensions[{key!r}] has {len(dimension)} characters; at most 256")
+                    raise exceptions.InvalidType(f"dimensions[{values.shown(key)}]={values.shown(dimension)}: keys "
+                                                 "are strings, values strings or ints")
+                values.text(dimension, f"dimensions[{key!r}]")
             item["dimensions"] = dict(dimensions)
         if time is not None:
-            item["time"] = _timestamp(time, "time") if isinstance(time, dt.datetime) else _epoch(time)
+            if not isinstance(time, dt.datetime | int | float) or isinstance(time, bool):
+                raise exceptions.InvalidType(f"time={values.shown(time)} is a {_kind(time)}; pass an aware datetime "
+                                             "or epoch seconds")
+            values.moment(time, "time")  # 1970-2100; the server checks its own range around now
+            item["time"] = _timestamp(time, "time") if isinstance(time, dt.datetime) else float(time)
         self._put(RECORDS, item)
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -374,14 +381,14 @@ def _text(field: str, value: object, maximum: int, *, minimum: int = 1) -> str:
 def _ulid(value: object) -> str:
     if not isinstance(value, str):
         raise exceptions.InvalidType(f"correlation_id={value!r} is a {_kind(value)}; pass a ULID string")
-    if not experiences.ULID.match(value.upper()):
+    if not experiences.ULID.fullmatch(value.upper()):
         raise exceptions.InvalidInput(f"correlation_id={value!r} is not a ULID (26 Crockford base32 characters, "
                                       "the first 0-7); make one with new_correlation_id()")
     return value.upper()  # ULIDs are case-insensitive; one spelling keeps the server's dedup key stable
 
 
 def _name(field: str, value: object) -> str:
-    if not experiences.NAME.match(_text(field, value, 64)):
+    if not experiences.NAME.fullmatch(_text(field, value, 64)):
         raise exceptions.InvalidInput(f"{field}={value!r} must be 1-64 characters of a-z, 0-9, '_', '.', '-', "
                                       "starting with a letter or digit")
     return str(value)
@@ -396,31 +403,14 @@ def _choice(field: str, value: object, choices: tuple[str, ...]) -> str:
 def _timestamp(value: object, field: str = "client_timestamp") -> str:
     if value is None:
         return dt.datetime.now(dt.UTC).isoformat()
-    if isinstance(value, str):
-        try:
-            value = dt.datetime.fromisoformat(value)
-        except ValueError:
-            raise exceptions.InvalidInput(f"{field}={value!r} is not ISO 8601; pass e.g. "
-                                          "'2026-01-31T12:00:00+00:00' or an aware datetime") from None
-    if not isinstance(value, dt.datetime):
-        raise exceptions.InvalidType(f"{field}={value!r} is a {_kind(value)}; pass an aware datetime")
-    if value.utcoffset() is None:
-        raise exceptions.InvalidInput(f"{field}={value!r} has no UTC offset; pass an aware datetime, e.g. "
-                                      "datetime.now(timezone.utc)")
-    return value.isoformat()
-
-
-def _epoch(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise exceptions.InvalidType(f"time={value!r} is a {_kind(value)}; pass an aware datetime or epoch seconds")
-    if not math.isfinite(value) or value < 0:
-        raise exceptions.InvalidInput(f"time={value!r} is not a valid epoch time in seconds")
-    return float(value)
+    if not isinstance(value, str | dt.datetime):
+        raise exceptions.InvalidType(f"{field}={values.shown(value)} is a {_kind(value)}; pass an aware datetime")
+    values.moment(value, field)  # ISO 8601 with an offset, 1970-2100; the server checks its range around now
+    return (dt.datetime.fromisoformat(value) if isinstance(value, str) else value).isoformat()
 
 
 def _meta(value: object) -> dict[str, Any]:
-    if not isinstance(value, Mapping):
-        raise exceptions.InvalidType(f"meta={value!r} is a {_kind(value)}; pass a dict")
+    values.json_object(value, "meta")  # bounded depth and size: dumps cannot recurse or run long
     try:
         # json's defaults (ASCII escapes, spaced separators) give the longest usual serialization: if that
         # fits, the server's measure fits too, and one item over its cap cannot get a whole batch refused.
@@ -428,7 +418,7 @@ def _meta(value: object) -> dict[str, Any]:
     except TypeError as exc:
         raise exceptions.InvalidType(f"meta is not JSON-serializable: {exc}; pass plain dicts, lists, strings, "
                                      "numbers, booleans and None") from None
-    except ValueError as exc:  # NaN or infinity, or a container holding itself
+    except ValueError as exc:  # a container holding itself
         raise exceptions.InvalidInput(f"meta cannot be sent as JSON: {exc}; pass finite numbers, no cycles") from None
     if len(text) > experiences.MAX_META_BYTES:
         raise exceptions.InvalidInput(f"meta is {len(text)} bytes as JSON; at most {experiences.MAX_META_BYTES}, "

@@ -21,7 +21,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from aggregator import exceptions, experiences
+from aggregator import exceptions, experiences, values
 from aggregator import meters as meters_module
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -102,6 +102,10 @@ def resolve_database_url(url: str | None) -> str:
             f"database_url={mask_url(url)!r} is not a database URL; "
             "use postgresql://user@host/db or sqlite:///path/to/file.db"
         ) from exc
+    except ValueError:  # SQLAlchemy converts the port with int()
+        raise exceptions.ConfigError(
+            f"database_url={mask_url(url)!r}: the port is not a number; use e.g. postgresql://user@host:5432/db "
+            "(a password holding ':' or '@' must be percent-encoded)") from None
     if parsed.host is not None and "@" in parsed.host:  # no host has one: the user part was cut at the first
         raise exceptions.ConfigError(
             f"database_url={mask_url(url)!r}: the user name or password holds an unencoded '@', which ends the "
@@ -222,6 +226,8 @@ class DeliverySettings:
             # The key is a secret: the message names the setting, never the value.
             raise exceptions.ConfigError("pseudonym_key must be a string of at least 16 bytes, e.g. from "
                                          "`python3 -c 'import secrets; print(secrets.token_hex(32))'`")
+        if key is not None:  # embedded too: the placeholder of aggregator.env.example is no key
+            _not_placeholder(key, "pseudonym_key", "the key")
         initial = parse_duration(backoff_initial, key="outbox_backoff_initial")
         maximum = parse_duration(backoff_max, key="outbox_backoff_max")
         if maximum < initial:
@@ -291,11 +297,19 @@ class Settings:
     replica_lease: float = 180.0
     # ... and a window is closed this long after its end whatever holds it.
     max_collect_delay: float = 1800.0
+    # Health (health.py): degraded once a finished window is unreported this long after its end, or once
+    # this many flushes, or collections, failed in a row.
+    health_overdue_after: float = 1830.0
+    health_failures_in_row: int = 3
     # Past this much memory queued for an unreachable store, batches go to the spool directory.
     memory_budget: int = 64 * 2**20
     spool_dir: str | None = None
     # "transaction": a transaction-pooling PgBouncer is in front of PostgreSQL (see resolve_database_pooler).
     database_pooler: str = "none"
+    # Explicit event times (track(at=), record(at=), a checkpoint's client_timestamp, the API's `time`) must
+    # lie this close to now; outside, the call is refused (values.TimeRange).
+    max_event_age: float = 86400.0
+    max_event_future: float = 300.0
 
     @classmethod
     def build(
@@ -318,9 +332,13 @@ class Settings:
         urgencies: Mapping[str, Any] | None = None,
         replica_lease: str | float | None = None,
         max_collect_delay: str | float | None = None,
+        health_overdue_after: str | float | None = None,
+        health_failures_in_row: str | int = 3,
         memory_budget: str | int = "64MiB",
         spool_dir: str | None = None,
         database_pooler: str | None = None,
+        max_event_age: str | float = "1d",
+        max_event_future: str | float = "5m",
     ) -> Settings:
         window_s = parse_window(window, key="window")
         flush_s = parse_duration(flush_interval, key="flush_interval")
@@ -340,6 +358,9 @@ class Settings:
             collect_s = min(max(min(window_s, flush_s) / 4, 0.25), 15.0)
         else:
             collect_s = parse_duration(collect_interval, key="collect_interval")
+        # max_collect_delay is the promise; a run comes every collect_interval, give or take half of it.
+        overdue_s = (parse_duration(health_overdue_after, key="health_overdue_after")
+                     if health_overdue_after is not None else delay_s + grace_s + 2 * collect_s)
         if replica_id is not None and (not isinstance(replica_id, str) or not 0 < len(replica_id) <= 200):
             raise exceptions.ConfigError(f"replica_id={replica_id!r} must be a string of 1 to 200 characters")
         return cls(
@@ -361,14 +382,34 @@ class Settings:
             urgencies=experiences.urgencies(urgencies, lambda v, k: parse_duration(v, key=k)),
             replica_lease=lease_s,
             max_collect_delay=delay_s,
+            health_overdue_after=overdue_s,
+            health_failures_in_row=_integer(1, 1000)(health_failures_in_row, "health_failures_in_row"),
             memory_budget=parse_size(memory_budget, key="memory_budget"),
             spool_dir=None if spool_dir is None else _text(spool_dir, "spool_dir"),
             database_pooler=resolve_database_pooler(database_pooler),
+            max_event_age=_bounded_duration(max_event_age, "max_event_age", MAX_EVENT_AGE),
+            max_event_future=_bounded_duration(max_event_future, "max_event_future", MAX_EVENT_FUTURE),
         )
 
     @property
     def window_seconds(self) -> int:
         return int(self.window)
+
+    @property
+    def time_range(self) -> values.TimeRange:
+        """The event times accepted around now."""
+        return values.TimeRange(self.max_event_age, self.max_event_future)
+
+
+MAX_EVENT_AGE = 3650 * 86400.0
+MAX_EVENT_FUTURE = 86400.0
+
+
+def _bounded_duration(value: str | float, key: str, limit: float) -> float:
+    seconds = parse_duration(value, key=key)
+    if seconds > limit:
+        raise exceptions.ConfigError(f"{key}={value!r} is longer than {limit / 86400:g} days; choose a shorter one")
+    return seconds
 
 
 def _urgency_table(value: object, key: str) -> dict[str, Any]:
@@ -542,6 +583,11 @@ OPTIONS: tuple[Option, ...] = (
            "at least 10s"),
     Option("max_collect_delay", None, _duration,
            "a window is reported this long after its end whatever holds it; unset: max(window, 4 x replica_lease)"),
+    Option("health_overdue_after", None, _duration,
+           "health is degraded while a finished window is unreported this long after its end; unset: "
+           "max_collect_delay + grace + 2 x collect_interval"),
+    Option("health_failures_in_row", 3, _integer(1, 1000),
+           "health is degraded once this many flushes, or collections, failed in a row"),
     Option("memory_budget", "64MiB", lambda v, k: parse_size(v, key=k),
            "memory for data queued while the database is unreachable; past it, batches go to the spool"),
     Option("spool_dir", None, lambda v, k: _text(v, k),
@@ -551,9 +597,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_body_bytes", 4 * 1024 * 1024, _integer(1024, 256 * 1024 * 1024),
            "largest accepted request body; larger gets 413"),
     Option("max_events_per_request", 10_000, _integer(1, 1_000_000), "most events in one POST /v1/track"),
-    Option("max_event_age", "1d", _duration, "oldest event time accepted by the API (older gets 422)"),
-    Option("max_event_future", "5m", _duration,
-           "furthest event time in the future accepted by the API"),
+    Option("max_event_age", "1d", lambda v, k: _bounded_duration(v, k, MAX_EVENT_AGE),
+           "oldest event time accepted (older gets 422, or InvalidInput in process); at most 3650d"),
+    Option("max_event_future", "5m", lambda v, k: _bounded_duration(v, k, MAX_EVENT_FUTURE),
+           "furthest event time in the future accepted; at most 1d"),
     Option("shutdown_timeout", "30s", _duration, "bound on a clean stop: drain requests, final flush"),
     Option("writers", None, _named_tables,
            "report writers: TOML tables [writers.NAME] (type jsonl or snowplow); in the environment, the same as JSON"),
@@ -600,7 +647,7 @@ class DaemonSettings:
         out = dict(self.values)
         effective = self.aggregator
         for key in ("window", "flush_interval", "grace", "collect_interval", "max_event_age", "max_event_future",
-                    "shutdown_timeout", "replica_lease", "max_collect_delay"):
+                    "shutdown_timeout", "replica_lease", "max_collect_delay", "health_overdue_after"):
             value = getattr(effective, key, None)
             out[key] = f"{self.values[key] if value is None else value:g}s"
         out["replica_id"] = effective.replica_id
@@ -668,7 +715,9 @@ def load_daemon_settings(flags: dict[str, Any], environ: Mapping[str, str] | Non
         billing_instance_id=values["billing_instance_id"], meter_dedup_horizon=values["meter_dedup_horizon"],
         urgencies=values["experience_urgencies"], replica_lease=values["replica_lease"],
         max_collect_delay=values["max_collect_delay"], memory_budget=values["memory_budget"],
+        health_overdue_after=values["health_overdue_after"], health_failures_in_row=values["health_failures_in_row"],
         spool_dir=values["spool_dir"], database_pooler=values["database_pooler"],
+        max_event_age=values["max_event_age"], max_event_future=values["max_event_future"],
     )
     _check_writers(aggregator, sources["writers"])
     return DaemonSettings(values=values, sources=sources, aggregator=aggregator)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from aggregator import exceptions, reports, tracker
+from aggregator import exceptions, reports, tracker, values
 
 CHECKPOINTS = ("start", "intermediate", "end")
 OUTCOMES = ("success", "failure")
@@ -34,8 +34,9 @@ FAILURE_SCHEMA = "iglu:dev.aggregator/experience_failure/jsonschema/1-0-0"
 SLI_KIND = "experience_sli"
 SLI_SCHEMA = "iglu:dev.aggregator/experience_sli/jsonschema/1-0-0"
 # What the server accepts, and aggregator.client checks before sending (a batch is refused whole).
-ULID = re.compile(r"^[0-7][0-9A-HJKMNP-TV-Z]{25}$")  # 26 Crockford base32 digits; a leading 8+ overflows 128 bits
-NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+# Both are matched whole (fullmatch): a "$" would let "name\n" through as another name.
+ULID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}")  # 26 Crockford base32 digits; a leading 8+ overflows 128 bits
+NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -61,13 +62,20 @@ class Checkpoint:
 
 
 def validate(fields: Mapping[str, Any], urgencies: Mapping[str, float], received_at: float,
-             where: str = "checkpoint") -> Checkpoint:
-    """A Checkpoint from raw fields; raises InvalidInput/InvalidType naming ``where.FIELD`` and the fix."""
+             where: str = "checkpoint", within: values.TimeRange = values.DEFAULT_RANGE) -> Checkpoint:
+    """A Checkpoint from raw fields; raises InvalidInput/InvalidType naming ``where.FIELD`` and the fix.
+
+    ``client_timestamp`` must lie ``within`` the range around ``received_at`` (the server's clock).
+    """
     known = {"correlation_id", "experience_id", "checkpoint", "checkpoint_category", "type", "feature_category",
              "urgency", "client_timestamp", "outcome", "meta"}
-    unknown = sorted(set(fields) - known)
+    if not isinstance(fields, Mapping):
+        raise exceptions.InvalidType(f"{where}={values.shown(fields)} is a {type(fields).__name__}; pass a mapping")
+    unknown = [key for key in fields if key not in known]
     if unknown:
-        raise exceptions.InvalidInput(f"{where}: unknown field(s) {', '.join(unknown)}")
+        raise exceptions.InvalidInput(
+            f"{where}: unknown field(s) {', '.join(values.shown(key) for key in unknown[:5])}; known: "
+            f"{', '.join(sorted(known))}")
 
     def text(name: str, pattern: re.Pattern[str] | None = NAME, required: bool = True) -> str:
         value = fields.get(name)
@@ -75,55 +83,52 @@ def validate(fields: Mapping[str, Any], urgencies: Mapping[str, float], received
             if required:
                 raise exceptions.InvalidInput(f"{where}.{name} is required")
             return ""
-        if not isinstance(value, str):
-            raise exceptions.InvalidType(f"{where}.{name}={value!r} is a {type(value).__name__}; pass a string")
-        if pattern is not None and not pattern.match(value):
-            raise exceptions.InvalidInput(f"{where}.{name}={value!r} must be 1-64 characters of a-z, 0-9, _ . -")
-        return value
+        if pattern is None:
+            if not isinstance(value, str):
+                raise exceptions.InvalidType(f"{where}.{name}={values.shown(value)} is a {type(value).__name__}; "
+                                             "pass a string")
+            return value
+        return values.name(value, f"{where}.{name}", pattern, "1-64 characters of a-z, 0-9, _ . -, the first a "
+                                                              "letter or digit")
 
     correlation_id = fields.get("correlation_id")
-    if not isinstance(correlation_id, str) or not ULID.match(correlation_id.upper()):
-        raise exceptions.InvalidInput(f"{where}.correlation_id={correlation_id!r} must be a ULID (26 characters "
-                                      "of Crockford base32, the first 0-7, e.g. 01J9Z3K8Q6W5N2B7R4T1V0X9YC)")
+    if not isinstance(correlation_id, str) or not ULID.fullmatch(correlation_id.upper()):
+        raise exceptions.InvalidInput(f"{where}.correlation_id={values.shown(correlation_id)} must be a ULID (26 "
+                                      "characters of Crockford base32, the first 0-7, e.g. 01J9Z3K8Q6W5N2B7R4T1V0X9YC)")
     checkpoint = text("checkpoint", None)
     if checkpoint not in CHECKPOINTS:
-        raise exceptions.InvalidInput(f"{where}.checkpoint={checkpoint!r} must be one of: {', '.join(CHECKPOINTS)}")
+        raise exceptions.InvalidInput(
+            f"{where}.checkpoint={values.shown(checkpoint)} must be one of: {', '.join(CHECKPOINTS)}")
     urgency = text("urgency", None)
     if urgency not in urgencies:
-        raise exceptions.InvalidInput(f"{where}.urgency={urgency!r} must be one of: {', '.join(sorted(urgencies))}")
+        raise exceptions.InvalidInput(
+            f"{where}.urgency={values.shown(urgency)} must be one of: {', '.join(sorted(urgencies))}")
     outcome = fields.get("outcome")
     if outcome is not None and (checkpoint != "end" or outcome not in OUTCOMES):
-        raise exceptions.InvalidInput(f"{where}.outcome={outcome!r}: only an end has an outcome, "
+        raise exceptions.InvalidInput(f"{where}.outcome={values.shown(outcome)}: only an end has an outcome, "
                                       f"one of: {', '.join(OUTCOMES)}")
     return Checkpoint(
         correlation_id=correlation_id.upper(), experience_id=text("experience_id"), checkpoint=checkpoint,
         type=text("type"), feature_category=text("feature_category"), urgency=urgency,
-        client_timestamp=_timestamp(fields.get("client_timestamp"), f"{where}.client_timestamp"),
+        client_timestamp=_timestamp(fields.get("client_timestamp"), f"{where}.client_timestamp", received_at, within),
         received_at=received_at, checkpoint_category=text("checkpoint_category", required=False),
         outcome=("success" if outcome is None else outcome) if checkpoint == "end" else None,
         meta=_meta(fields.get("meta"), f"{where}.meta"))
 
 
-def _timestamp(value: object, name: str) -> float:
-    if isinstance(value, str):
-        try:
-            value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            raise exceptions.InvalidInput(f"{name}={value!r} is not ISO 8601; e.g. 2026-01-31T12:00:00.250Z") from None
-    if isinstance(value, dt.datetime):
-        if value.tzinfo is None:
-            raise exceptions.InvalidInput(f"{name}={value.isoformat()!r} needs a UTC offset, e.g. ...Z")
-        return value.timestamp()
+def _timestamp(value: object, name: str, now: float, within: values.TimeRange) -> float:
     if value is None:
         raise exceptions.InvalidInput(f"{name} is required (ISO 8601 with a UTC offset)")
-    raise exceptions.InvalidType(f"{name}={value!r} is a {type(value).__name__}; pass an ISO 8601 string")
+    if not isinstance(value, str | dt.datetime):
+        raise exceptions.InvalidType(f"{name}={values.shown(value)} is a {type(value).__name__}; pass an ISO 8601 "
+                                     "string")
+    return values.moment(value, name, now=now, within=within)
 
 
 def _meta(value: object, name: str) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, dict):
-        raise exceptions.InvalidType(f"{name} is a {type(value).__name__}; pass a JSON object")
+    values.json_object(value, name)  # bounded depth and size: dumps cannot recurse or run long
     try:
         text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -142,7 +147,7 @@ def urgencies(value: Mapping[str, Any] | None, parse: Callable[[Any, str], float
             "experience_urgencies must be a table of NAME = \"lifetime\", e.g. sync_fast = \"10s\"")
     out = {}
     for name, lifetime in value.items():
-        if not isinstance(name, str) or not NAME.match(name) or len(name) > 32:
+        if not isinstance(name, str) or not NAME.fullmatch(name) or len(name) > 32:
             raise exceptions.ConfigError(f"experience_urgencies: name {name!r} must be 1-32 of a-z, 0-9, _ . -")
         out[name] = parse(lifetime, f"experience_urgencies.{name}")
     return out
@@ -151,17 +156,22 @@ def urgencies(value: Mapping[str, Any] | None, parse: Callable[[Any, str], float
 class Pending:
     """Checkpoints accepted in this replica and not yet flushed."""
 
-    def __init__(self, urgencies_: Mapping[str, float], clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, urgencies_: Mapping[str, float], clock: Callable[[], float] = time.time,
+                 within: values.TimeRange = values.DEFAULT_RANGE) -> None:
         self.urgencies = dict(urgencies_)
         self._clock = clock
+        self.within = within  # client timestamps must be this close to the server's clock
         self._lock = threading.Lock()
         self._items: dict[tuple[str, str, str, float], Checkpoint] = {}
         self._open = True
 
     def add_many(self, checkpoints: Iterable[Mapping[str, Any]], where: str = "checkpoints") -> float:
         """Validate every checkpoint (errors name the index), then keep them all; returns the server time."""
+        if isinstance(checkpoints, str | bytes | Mapping) or not isinstance(checkpoints, Iterable):
+            raise exceptions.InvalidType(f"{where}={values.shown(checkpoints)} is a {type(checkpoints).__name__}; "
+                                         "pass a list of dicts")
         now = self._clock()
-        valid = [validate(fields, self.urgencies, now, f"{where}[{index}]")
+        valid = [validate(fields, self.urgencies, now, f"{where}[{index}]", self.within)
                  for index, fields in enumerate(checkpoints)]
         with self._lock:
             if not self._open:

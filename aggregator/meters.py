@@ -24,11 +24,11 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
-from aggregator import exceptions, reports, tracker
+from aggregator import exceptions, reports, tracker, values
 
 Aggregation = Literal["sum", "count", "distinct"]
 OVERFLOW = "__overflow__"  # the group that takes records beyond a meter's max_groups in a window
-_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")  # matched whole
 MAX_DIMENSION_TEXT = 256
 MAX_EVENT_ID = 128
 DEFAULT_MAX_GROUPS = 10_000
@@ -58,7 +58,7 @@ class Meter:
         if unknown:
             raise exceptions.ConfigError(
                 f"{key}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise exceptions.ConfigError(f"meter name {name!r} must be lower case letters, digits and _ (max 63)")
         if name in BUILTIN_NAMES:
             raise exceptions.ConfigError(f"meter name {name!r} is built in (track() records it); choose another")
@@ -69,17 +69,17 @@ class Meter:
         if not isinstance(unit, str) or not 0 < len(unit) <= 64:
             raise exceptions.ConfigError(f"{key}.unit={unit!r} must name the unit, e.g. \"seconds\" or \"requests\"")
         dimensions = options.get("dimensions", ())
-        if not isinstance(dimensions, list | tuple) or not all(isinstance(d, str) and _NAME.match(d)
+        if not isinstance(dimensions, list | tuple) or not all(isinstance(d, str) and _NAME.fullmatch(d)
                                                                 for d in dimensions):
             raise exceptions.ConfigError(
                 f"{key}.dimensions={dimensions!r} must be a list of field names (lower case letters, digits, _)")
         if len(set(dimensions)) != len(dimensions) or len(dimensions) > 16:
             raise exceptions.ConfigError(f"{key}.dimensions={dimensions!r} must be at most 16 distinct names")
         field = options.get("field")
-        if aggregation == "distinct" and (not isinstance(field, str) or not _NAME.match(field)):
+        if aggregation == "distinct" and (not isinstance(field, str) or not _NAME.fullmatch(field)):
             raise exceptions.ConfigError(f"{key}.field={field!r}: a distinct meter names the field it counts, "
                                          "e.g. field = \"user_id\"")
-        if field is not None and (not isinstance(field, str) or not _NAME.match(field) or field in dimensions):
+        if field is not None and (not isinstance(field, str) or not _NAME.fullmatch(field) or field in dimensions):
             raise exceptions.ConfigError(f"{key}.field={field!r} must be a field name that is not a dimension")
         decimals = options.get("decimals", 0)
         if isinstance(decimals, bool) or not isinstance(decimals, int) or not 0 <= decimals <= 9 or (
@@ -99,18 +99,12 @@ class Meter:
 
     def to_units(self, value: object) -> int:
         """A sum meter's value as an exact integer count of ``10**-decimals``; raises naming the meter."""
-        if isinstance(value, bool) or not isinstance(value, int | float | decimal.Decimal | str):
-            raise exceptions.InvalidType(
-                f"record({self.name!r}): value={value!r} is a {type(value).__name__}; pass a number >= 0")
-        try:
-            number = decimal.Decimal(str(value) if isinstance(value, float) else value)
-        except decimal.InvalidOperation:
-            raise exceptions.InvalidInput(f"record({self.name!r}): value={value!r} is not a number") from None
-        if not number.is_finite() or number < 0:
-            raise exceptions.InvalidInput(f"record({self.name!r}): value={value!r} must be finite and >= 0")
-        units = int(number.scaleb(self.decimals).to_integral_value(decimal.ROUND_HALF_EVEN))
-        if units > tracker.MAX_COUNT * 1000:
-            raise exceptions.InvalidInput(f"record({self.name!r}): value={value!r} is out of range for one record")
+        number = values.decimal_number(value, f"record({self.name!r}): value")
+        with decimal.localcontext(decimal.Context(prec=100)):  # exact for any bounded number
+            units = int(number.scaleb(self.decimals).to_integral_value(decimal.ROUND_HALF_EVEN))
+        if units > values.MAX_COUNT * 1000:
+            raise exceptions.InvalidInput(f"record({self.name!r}): value={value!r} is out of range for one record; "
+                                          f"at most {values.MAX_COUNT * 1000 / 10**self.decimals:g}")
         return units
 
     def from_units(self, units: int) -> decimal.Decimal:
@@ -265,10 +259,12 @@ class Result:
 class Recorder:
     """Pending meter records of one replica; record() is validated, then kept under a short lock."""
 
-    def __init__(self, meters: Iterable[Meter], window: int, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, meters: Iterable[Meter], window: int, clock: Callable[[], float] = time.time,
+                 within: values.TimeRange = values.DEFAULT_RANGE) -> None:
         self.meters = {m.name: m for m in meters}
         self.window = window
         self._clock = clock
+        self.within = within  # an explicit ``at`` must be this close to the clock
         self._lock = threading.Lock()
         self._batch = MeterBatch()
         self._open = True
@@ -279,8 +275,14 @@ class Recorder:
 
     def record_many(self, records: Iterable[Mapping[str, Any]]) -> int:
         """Several records, all or none: each is validated (errors name its index) before any is kept."""
+        if isinstance(records, str | bytes | Mapping) or not isinstance(records, Iterable):
+            raise exceptions.InvalidType(f"record_many(): records={values.shown(records)} is a "
+                                         f"{type(records).__name__}; pass a list of dicts")
         prepared = []
         for index, fields in enumerate(records):
+            if not isinstance(fields, Mapping):
+                raise exceptions.InvalidType(f"records[{index}]={values.shown(fields)} is a {type(fields).__name__}; "
+                                             "pass a dict of record()'s arguments")
             try:
                 prepared.append(self.prepare(**fields))
             except TypeError as exc:
@@ -305,9 +307,9 @@ class Recorder:
             quantity = 0
         elif value is not None and value != 1:
             raise exceptions.InvalidInput(
-                f"record({m.name!r}): a count meter counts records; omit value (got {value!r})")
+                f"record({m.name!r}): a count meter counts records; omit value (got {values.shown(value)})")
         eid = "" if event_id is None else _event_id(event_id, m.name)
-        moment = self._clock() if at is None else tracker.moment(at)
+        moment = self._clock() if at is None else values.moment(at, now=self._clock(), within=self.within)
         return Identified(eid, m.name, tracker.window_start(moment, self.window), group_key(dims), dims, quantity,
                           distinct)
 
@@ -338,37 +340,36 @@ class Recorder:
 
     def _meter(self, name: object) -> Meter:
         if not isinstance(name, str):
-            raise exceptions.InvalidType(f"record(): meter={name!r} is a {type(name).__name__}; pass a meter name")
+            raise exceptions.InvalidType(f"record(): meter={values.shown(name)} is a {type(name).__name__}; pass a "
+                                         "meter name")
         meter = self.meters.get(name)
         if meter is None:
             if name in BUILTIN_NAMES:
                 raise exceptions.InvalidInput(f"record({name!r}): a built-in meter; track() records it")
             known = ", ".join(sorted(self.meters)) or "none are declared"
-            raise exceptions.InvalidInput(f"record({name!r}): no such meter; declared meters: {known}")
+            raise exceptions.InvalidInput(f"record({values.shown(name)}): no such meter; declared meters: {known}")
         return meter
 
     @staticmethod
     def _dimensions(m: Meter, given: Mapping[str, object] | None) -> dict[str, str]:
         given = {} if given is None else given
         if not isinstance(given, Mapping):
-            raise exceptions.InvalidType(f"record({m.name!r}): dimensions={given!r} must be a mapping")
+            raise exceptions.InvalidType(f"record({m.name!r}): dimensions={values.shown(given)} must be a mapping")
         missing = [d for d in m.dimensions if d not in given]
-        extra = sorted(set(given) - set(m.dimensions), key=str)
+        extra = [key for key in given if key not in m.dimensions]
         if missing or extra:
+            unexpected = "[" + ", ".join(values.shown(key) for key in extra[:5]) + (", ...]" if len(extra) > 5 else "]")
             raise exceptions.InvalidInput(
                 f"record({m.name!r}): dimensions must be exactly {list(m.dimensions)}"
-                + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else ""))
+                + (f"; missing {missing}" if missing else "") + (f"; unexpected {unexpected}" if extra else ""))
         return {d: _text(given[d], f"record({m.name!r}): dimension {d}") for d in m.dimensions}
 
 
 def _text(value: object, what: str) -> str:
-    """A dimension or distinct value as text: strings, ints and UUIDs; nothing lossy or ambiguous."""
-    if isinstance(value, bool) or not isinstance(value, str | int | uuid.UUID):
-        raise exceptions.InvalidType(f"{what}={value!r} is a {type(value).__name__}; pass a string, int or UUID")
-    text = str(value)
-    if not 0 < len(text) <= MAX_DIMENSION_TEXT or text == OVERFLOW:
-        raise exceptions.InvalidInput(f"{what}={value!r} must be 1-{MAX_DIMENSION_TEXT} characters, "
-                                      f"and not {OVERFLOW!r}")
+    """A dimension or distinct value as text: strings, ints and UUIDs; nothing lossy, unbounded or ambiguous."""
+    text = values.text(value, what, maximum=MAX_DIMENSION_TEXT)
+    if text == OVERFLOW:
+        raise exceptions.InvalidInput(f"{what}={value!r} is reserved ({OVERFLOW!r} is the overflow group); rename it")
     return text
 
 
@@ -377,7 +378,8 @@ def _event_id(value: object, meter: str) -> str:
         return str(value)
     if not isinstance(value, str) or not 0 < len(value) <= MAX_EVENT_ID or not value.isprintable():
         raise exceptions.InvalidInput(
-            f"record({meter!r}): event_id={value!r} must be a UUID or a printable string of 1-{MAX_EVENT_ID} chars")
+            f"record({meter!r}): event_id={values.shown(value)} must be a UUID or a printable string of "
+            f"1-{MAX_EVENT_ID} chars")
     return value
 
 

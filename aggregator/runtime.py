@@ -90,10 +90,14 @@ class Aggregator(beyond.MetersAndExperiences):
         urgencies: Mapping[str, Any] | None = None,
         replica_lease: str | float | None = None,
         max_collect_delay: str | float | None = None,
+        health_overdue_after: str | float | None = None,
+        health_failures_in_row: int = 3,
         memory_budget: str | int = "64MiB",
         spool_dir: str | None = None,
         database_pooler: str | None = None,
         on_collector_ordered: Callable[[], Awaitable[None]] | None = None,
+        max_event_age: str | float = "1d",
+        max_event_future: str | float = "5m",
     ) -> None:
         # writers: tables as in the daemon's [writers.NAME] config, or Writer objects (custom writers).
         # outbox: the retry knobs (max_attempts, backoff_initial, backoff_max, poll_interval, drain_timeout,
@@ -109,7 +113,9 @@ class Aggregator(beyond.MetersAndExperiences):
             id_retention=id_retention, delivery=delivery, meters=meters, billing_realm=billing_realm,
             billing_instance_id=billing_instance_id, meter_dedup_horizon=meter_dedup_horizon, urgencies=urgencies,
             replica_lease=replica_lease, max_collect_delay=max_collect_delay, memory_budget=memory_budget,
-            spool_dir=spool_dir, database_pooler=database_pooler,
+            health_overdue_after=health_overdue_after, health_failures_in_row=health_failures_in_row,
+            spool_dir=spool_dir, database_pooler=database_pooler, max_event_age=max_event_age,
+            max_event_future=max_event_future,
         )
         # Built now, so a bad writer table fails here rather than at start().
         self._writers = instances or [writers_module.build(name, table) for name, table in delivery.writers]
@@ -124,9 +130,10 @@ class Aggregator(beyond.MetersAndExperiences):
         self._connector: asyncio.Task[None] | None = None
         self._fatal: exceptions.AggregatorError | None = None  # the store answered, but cannot be used
         self._outcome: asyncio.Future[None] | None = None  # the first attempt's result, for start()
-        self._tracker = tracker.Tracker(self.settings.window_seconds, clock)
-        self._recorder = meters_module.Recorder(self.settings.meters, self.settings.window_seconds, clock)
-        self._checkpoints = experiences.Pending(self.settings.urgencies, clock)
+        within = self.settings.time_range
+        self._tracker = tracker.Tracker(self.settings.window_seconds, clock, within)
+        self._recorder = meters_module.Recorder(self.settings.meters, self.settings.window_seconds, clock, within)
+        self._checkpoints = experiences.Pending(self.settings.urgencies, clock, within)
         self._state = "new"  # new → running → stopped
         self._mode: str | None = None  # "thread" (own loop) or "async" (host's loop)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -154,8 +161,13 @@ class Aggregator(beyond.MetersAndExperiences):
                    delivery=s.delivery, meters=s.meters, billing_realm=s.billing_realm,
                    billing_instance_id=s.billing_instance_id, meter_dedup_horizon=s.meter_dedup_horizon,
                    urgencies=s.urgencies, replica_lease=s.replica_lease, max_collect_delay=s.max_collect_delay,
+                   health_overdue_after=s.health_overdue_after, health_failures_in_row=s.health_failures_in_row,
                    memory_budget=s.memory_budget, spool_dir=s.spool_dir, database_pooler=s.database_pooler,
-                   **kwargs)
+                   max_event_age=s.max_event_age, max_event_future=s.max_event_future, **kwargs)
+
+    def now(self) -> float:
+        """This Aggregator's clock, in epoch seconds: what event times are placed and checked by."""
+        return self._clock()
 
     # ---- the hot path ----------------------------------------------------------------------
 
@@ -360,7 +372,7 @@ class Aggregator(beyond.MetersAndExperiences):
     # ---- status -------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """Figures for health checks and metrics."""
+        """Figures for health checks and metrics; "health" is what health.evaluate() makes of the rest."""
         out: dict[str, Any] = {"state": self._state, "replica_id": self.replica_id,
                                "pending_events": self._tracker.pending_events()}
         store_ = self._contact.snapshot()
@@ -375,6 +387,10 @@ class Aggregator(beyond.MetersAndExperiences):
             out["collector"] = self._collector.stats
         if self._deliverer is not None:
             out["delivery"] = self._deliverer.stats
+        # Items set aside per kind, as the last flush or collection read them (None: not read yet).
+        out["quarantined"] = self._store.quarantined if self._store is not None else None
+        bounds = health.Bounds(self.settings.health_overdue_after, self.settings.health_failures_in_row)
+        out["health"] = health.evaluate(out, bounds, now=self._clock()).as_dict()
         return out
 
     # ---- inside the loop ----------------------------------------------------------------------
@@ -410,7 +426,7 @@ class Aggregator(beyond.MetersAndExperiences):
                     await asyncio.wait_for(asyncio.shield(first), FIRST_CONTACT_WAIT)
             else:
                 try:
-                    await asyncio.wait_for(asyncio.shield(self._ready.wait()), wait)
+                    await asyncio.wait_for(self._ready.wait(), wait)  # cancelled on timeout: nothing left pending
                 except TimeoutError:
                     raise exceptions.StoreUnavailable(
                         f"database {db.masked_url} did not answer within wait={wait:g}s: "

@@ -8,19 +8,14 @@ made while a flush is in its database round-trip lands in the next batch instead
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import math
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from typing import cast
 
-from aggregator import exceptions
+from aggregator import exceptions, values
 
-# Per-call ceiling on a count: far above any real request count, far below 64-bit overflow.
-MAX_COUNT = 2**32 - 1
-# Values per call in the tracker's flat buffer: workspace, user, allowed, denied, time.
 FIELDS = 5
 _UUID = uuid.UUID
 
@@ -41,66 +36,15 @@ def window_start(moment: float, window: int) -> int:
     return int(moment // window) * window
 
 
-def uuid_int(value: object, name: str) -> int:
-    """``value`` (a UUID or its string form) as a 128-bit int; raises naming ``name`` otherwise.
-
-    Strings are parsed strictly: the canonical ``8-4-4-4-12`` form, 32 hex digits, or either inside
-    ``{}`` or after ``urn:uuid:``. (``uuid.UUID`` itself also takes strings with spaces, signs or
-    underscores, as other UUIDs than they look like; those are refused here.)
-    """
-    if type(value) is uuid.UUID:
-        return value.int
-    if isinstance(value, str):
-        text = value[9:] if value.startswith("urn:uuid:") else value
-        if text[:1] == "{" and text[-1:] == "}":
-            text = text[1:-1]
-        if len(text) == 36 and text[8] == text[13] == text[18] == text[23] == "-":
-            text = text[:8] + text[9:13] + text[14:18] + text[19:23] + text[24:]
-        if len(text) == 32:
-            try:
-                raw = bytes.fromhex(text)  # hex digits and (ignored) spaces only
-            except ValueError:
-                raw = b""
-            if len(raw) == 16:  # so there were no spaces
-                return int.from_bytes(raw, "big")
-        raise exceptions.InvalidInput(
-            f"{name}={value!r} is not a UUID; pass a uuid.UUID or a string like "
-            "'123e4567-e89b-12d3-a456-426614174000'"
-        )
-    if isinstance(value, uuid.UUID):
-        return value.int
-    raise exceptions.InvalidType(f"{name}={value!r} is a {type(value).__name__}, not a UUID or UUID string")
-
-
-def count(value: object, name: str) -> int:
-    """``value`` checked as a request count: an int (not a bool) from 0 to MAX_COUNT."""
-    if type(value) is not int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise exceptions.InvalidType(f"{name}={value!r} is a {type(value).__name__}; pass an int >= 0")
-        value = int(value)
-    if not 0 <= value <= MAX_COUNT:
-        raise exceptions.InvalidInput(f"{name}={value!r} is out of range; pass an int from 0 to {MAX_COUNT}")
-    return value
-
-
-def moment(value: object) -> float:
-    """An explicit event time (aware datetime or epoch seconds) as epoch seconds."""
-    if isinstance(value, dt.datetime):
-        if value.tzinfo is None:
-            raise exceptions.InvalidInput(
-                f"at={value!r} is a naive datetime; pass an aware one, e.g. datetime.now(timezone.utc)"
-            )
-        return value.timestamp()
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        if not math.isfinite(value) or value < 0:
-            raise exceptions.InvalidInput(f"at={value!r} is not a valid epoch time in seconds")
-        return float(value)
-    raise exceptions.InvalidType(f"at={value!r} is a {type(value).__name__}; pass an aware datetime or epoch seconds")
+# The checks of the one edge, under the names the hot path and older callers use.
+MAX_COUNT = values.MAX_COUNT
+uuid_int = values.uuid_int
+count = values.count
 
 
 def since_epoch(since: object) -> int | None:
     """A ``since`` filter (aware datetime or epoch seconds, or None for all) as whole epoch seconds."""
-    return None if since is None else int(moment(since))
+    return None if since is None else int(values.moment(since, "since"))
 
 
 class Tracker:
@@ -116,9 +60,11 @@ class Tracker:
     drain, then returns if its item was taken (it is in the final flush) or removes it and raises.
     """
 
-    def __init__(self, window: int, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, window: int, clock: Callable[[], float] = time.time,
+                 within: values.TimeRange = values.DEFAULT_RANGE) -> None:
         self.window = window
         self._clock = clock
+        self.within = within  # an explicit ``at`` must be this close to the clock
         self._buffer: list[float] = []  # FIELDS values per call; ints are ints, the time a float
         self._open = True
         self._final_drain_done = threading.Event()
@@ -135,7 +81,8 @@ class Tracker:
             item = (workspace_id.int, user_id.int, allowed, denied, self._clock())
         else:
             item = (uuid_int(workspace_id, "workspace_id"), uuid_int(user_id, "user_id"),
-                    count(allowed, "allowed"), count(denied, "denied"), self._clock() if at is None else moment(at))
+                    count(allowed, "allowed"), count(denied, "denied"),
+                    self._clock() if at is None else values.moment(at, now=self._clock(), within=self.within))
         self._buffer.extend(item)
         if not self._open:
             self._after_close(item)
@@ -229,4 +176,4 @@ class Tracker:
 
     def reset_after_fork(self) -> None:
         """In a forked child: new locks (the parent's may be held) and no inherited data."""
-        self.__init__(self.window, self._clock)  # type: ignore[misc]
+        self.__init__(self.window, self._clock, self.within)  # type: ignore[misc]

@@ -111,7 +111,7 @@ def test_export_writes_an_idempotent_csv_and_names_the_next_cursor(database_url:
         agg.flush()
         clock.past_window(T0)
         (report,) = agg.collect()
-    env = {"AGGREGATOR_PSEUDONYM_KEY": "x" * 32}
+    env = {"AGGREGATOR_PSEUDONYM_KEY": "3f9c0a7e51b2d84c6e0f1a2b3c4d5e6f"}
     first = aggregator("export", "--format", "csv", "--since", "0", "--out", str(tmp_path / "a"),
                        "--database-url", database_url, env=env)
     again = aggregator("export", "--since", "0", "--out", str(tmp_path / "b"), "--database-url", database_url, env=env)

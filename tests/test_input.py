@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -99,6 +101,17 @@ def test_waiting_for_an_unreachable_database_fails_start_without_leaking_the_pas
     assert "127.0.0.1" in str(raised.value) and "svc:***@" in str(raised.value)
     assert "hunter2secret" not in str(raised.value) + repr(logs)
     assert not agg.running and agg.status()["pending_events"] == 1
+
+
+def test_a_failed_start_with_wait_leaves_nothing_to_print_at_exit(tmp_path: Path) -> None:
+    """After start(wait=...) gave up, the process exits printing nothing (once: "Task was destroyed but it
+    is pending!" from a waiter left behind)."""
+    code = ("import sys; from aggregator import Aggregator, StoreUnavailable\n"
+            f"agg = Aggregator(database_url='postgresql://u@127.0.0.1:{_closed_port()}/db', handle_sigterm=False, "
+            f"spool_dir={str(tmp_path)!r})\n"
+            "try:\n    agg.start(wait=0.5)\nexcept StoreUnavailable:\n    sys.exit(0)\nsys.exit(3)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
 
 
 def test_an_unreachable_database_never_fails_start_and_stop_spools_without_leaking_the_password(

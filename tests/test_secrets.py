@@ -69,6 +69,17 @@ def test_placeholder_secrets_are_refused(no_config: str) -> None:
         (REAL["AGGREGATOR_API_TOKENS"],), REAL["AGGREGATOR_PSEUDONYM_KEY"])
 
 
+def test_placeholder_pseudonym_key_is_refused_embedded_too(tmp_path: Path) -> None:
+    """An embedded Aggregator given the example's key (or the environment's) refuses it as the daemon does."""
+    placeholder = example_environment()["AGGREGATOR_PSEUDONYM_KEY"]
+    with pytest.raises(ConfigError, match="pseudonym_key: the key contains .* a placeholder") as raised:
+        Aggregator(database_url=f"sqlite:///{tmp_path / 'a.db'}", pseudonym_key=placeholder, handle_sigterm=False)
+    assert placeholder not in str(raised.value)
+    real = Aggregator(database_url=f"sqlite:///{tmp_path / 'a.db'}", pseudonym_key=REAL["AGGREGATOR_PSEUDONYM_KEY"],
+                      handle_sigterm=False)
+    assert real.settings.delivery.pseudonym_key == REAL["AGGREGATOR_PSEUDONYM_KEY"]
+
+
 async def ping(url: str) -> None:
     db = store.Store(url)
     try:
