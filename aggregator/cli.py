@@ -1,4 +1,5 @@
-"""The ``aggregator`` command: ``run``, ``config check``, ``db upgrade``, ``reports``, ``export``, ``outbox``, ``demo``.
+"""The ``aggregator`` command: ``run``, ``config check``, ``db upgrade``, ``reports``, ``export``, ``outbox``,
+``quarantine``, ``demo``.
 
 Every option falls back to an ``AGGREGATOR_*`` environment variable; ``--help`` names it.
 Exit codes: 0 success, 1 failure at run time (database, a demo mismatch), 2 bad usage or settings.
@@ -15,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from aggregator import config, exceptions, flush, logs, migrate, reports, runtime
+from aggregator import config, exceptions, flush, logs, migrate, quarantine, reports, runtime
 
 
 def _env_option(parser: argparse.ArgumentParser, flag: str, env: str, help: str, **kwargs: Any) -> None:
@@ -111,6 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
         _database_options(sub)
         if sub is not retry and sub is not enqueue:
             sub.add_argument("--format", default="table", choices=["table", "json"])
+        sub.set_defaults(run=handler)
+
+    held = commands.add_parser(
+        "quarantine", help="items set aside because they failed for a reason of their own: list, retry"
+    ).add_subparsers(dest="quarantine_command", required=True, metavar="QUARANTINE_COMMAND")
+    listed = held.add_parser("list", help="items set aside, oldest first, with their reason")
+    listed.add_argument("--kind", default=None, choices=list(quarantine.KINDS))
+    listed.add_argument("--limit", type=int, default=100)
+    listed.add_argument("--format", default="table", choices=["table", "json"])
+    again = held.add_parser("retry", help="hand items back to their loop, after fixing the cause: --id N ... or --all")
+    chosen = again.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--id", dest="ids", type=int, action="append", default=None, metavar="ID")
+    chosen.add_argument("--all", action="store_true", help="every item in the quarantine")
+    for sub, handler in ((listed, _quarantine_list), (again, _quarantine_retry)):
+        _database_options(sub)
         sub.set_defaults(run=handler)
 
     demo = commands.add_parser("demo", help="several replica processes, live windows, reports checked against truth")
@@ -321,6 +337,28 @@ def _outbox_enqueue(args: argparse.Namespace) -> int:
     n = asyncio.run(_with_store(args, lambda db: db.enqueue_reports(
         args.writer, after_id=args.since, now=time.time())))
     print(f"{n} report(s) queued for writer {args.writer!r}")
+    return 0
+
+
+def _quarantine_list(args: argparse.Namespace) -> int:
+    rows = asyncio.run(_with_store(args, lambda db: db.quarantined_items(kind=args.kind, limit=args.limit)))
+    shown = [{"id": r["id"], "kind": r["kind"], "ref": r["ref"], "status": r["status"], "attempts": r["attempts"],
+              "first": reports.iso_utc(r["first_at"], "seconds"), "last": reports.iso_utc(r["last_at"], "seconds"),
+              "reason": r["reason"]} for r in rows]
+    if args.format == "json":
+        for row, r in zip(shown, rows, strict=True):
+            row["payload"] = r["payload"]
+    _print_rows(shown, args.format, empty="the quarantine is empty")
+    return 0
+
+
+def _quarantine_retry(args: argparse.Namespace) -> int:
+    import time
+
+    ids = None if args.all else args.ids
+    n = asyncio.run(_with_store(args, lambda db: db.retry_quarantined(now=time.time(), ids=ids)))
+    print(f"{n} item(s) handed back to their loop (outbox items are queued again now; the others are taken at the "
+          "next flush or collection of a running replica)")
     return 0
 
 

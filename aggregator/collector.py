@@ -4,18 +4,20 @@ It runs in every replica with ``collect=True``. A window is due once every live 
 has published a watermark past its end (so it holds nothing more for it); an incarnation silent for
 ``lease`` is given up on, and ``max_delay`` after its end a window is closed anyway; the report counts
 who was given up on. The store's locks make exactly one replica win each window, and a collector that
-dies mid-way leaves its window open for the next run anywhere.
+dies mid-way leaves its window open for the next run anywhere. A window (or experience, or billable
+event) that fails for a reason of its own is set aside in the quarantine, and the run goes on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar
 
-from aggregator import billing, busy, health, logs, meters, reports, store
+from aggregator import billing, busy, health, logs, meters, quarantine, reports, store
 
 log = logs.get_logger("aggregator.collector")
 
@@ -44,7 +46,10 @@ class CollectorStats:
     reports_written: int = 0
     timed_out: int = 0  # experiences this replica timed out
     failures: int = 0
+    failures_in_row: int = 0  # runs failed since the last that succeeded (health.py)
     last_error: str | None = None
+    # (start, end) of the oldest finished window not reported when this collector last looked (health.py)
+    oldest_unreported: tuple[int, int] | None = None
 
 
 class Collector:
@@ -77,6 +82,7 @@ class Collector:
         self.window = window  # set: this collector also times out stale experiences
         self.busy = busy.Busy()  # held while a run is in progress; stop() waits on it, then calls it off
         self._last_prune = 0.0
+        self._unreported: list[tuple[int, int]] = []  # as of due_windows(), less what run_once() wrote since
 
     async def run_once(self) -> list[reports.Report]:
         """Collect every due window this replica can; returns the reports it wrote."""
@@ -85,18 +91,19 @@ class Collector:
             written: list[reports.Report] = []
             try:
                 await self._sweep()
+                await self._bill_again()
                 for due in await self.due_windows():
                     began = time.monotonic()
-                    row = await self.store.collect_window(
-                        due.start, collector_id=self.collector_id, now=self._clock(), on_locked=self._on_locked,
-                        on_ordered=self._on_ordered, writers=self.writers, meter_defs=self.meter_defs,
-                        billing=self.billing, replicas_missing=due.replicas_missing,
-                    )
-                    if row is None:
+                    row = await quarantine.guard("window", str(due.start), functools.partial(self._collect, due),
+                                                 set_aside=self._set_aside, payload={"window_start": due.start},
+                                                 collector_id=self.collector_id)
+                    if row is None or isinstance(row, quarantine.SetAside):
                         continue
                     report = reports.Report.from_row(row)
                     written.append(report)
                     self.stats.reports_written += 1
+                    self._unreported = [w for w in self._unreported if w[0] != due.start]
+                    self.stats.oldest_unreported = self._unreported[0] if self._unreported else None
                     log.info("collect", window_start=report.window_start.isoformat(),
                              unique_workspaces=report.unique_workspaces, unique_users=report.unique_users,
                              allowed=report.allowed_requests, denied=report.denied_requests,
@@ -108,11 +115,14 @@ class Collector:
                 if written and self._on_written is not None:
                     self._on_written()
                 await self._prune_now_and_then()
+                await self.store.quarantine_counts()
             except Exception as exc:
                 self.stats.failures += 1
+                self.stats.failures_in_row += 1
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("collect_failed", error=self.stats.last_error, collector_id=self.collector_id)
                 raise
+            self.stats.failures_in_row = 0
             return written
 
     async def due_windows(self) -> list[store.DueWindow]:
@@ -129,6 +139,8 @@ class Collector:
         """
         now = self._clock()
         windows = await self.store.open_windows(ended_by=now - self.grace)
+        self._unreported = list(windows)
+        self.stats.oldest_unreported = windows[0] if windows else None
         if not windows:
             return []
         holders = await self.store.incarnations(below=windows[-1][1])
@@ -152,13 +164,32 @@ class Collector:
             due.append(store.DueWindow(start=start, end=end, replicas_missing=missing))
         return due
 
+    async def _collect(self, due: store.DueWindow) -> dict[str, Any] | None:
+        return await self.store.collect_window(
+            due.start, collector_id=self.collector_id, now=self._clock(), on_locked=self._on_locked,
+            on_ordered=self._on_ordered, writers=self.writers, meter_defs=self.meter_defs,
+            billing=self.billing, replicas_missing=due.replicas_missing,
+        )
+
+    async def _set_aside(self, item: quarantine.Item) -> None:
+        await self.store.set_aside(item, now=self._clock(), by=self.collector_id)
+
     async def _sweep(self) -> None:
-        """Time out stale experiences (before collecting, so a window's SLIs include what timed out in it)."""
+        """Time out stale experiences (before collecting, so a window's SLIs include what timed out in it).
+
+        If a sweep fails for another reason than the database, the due experiences are taken one at a time
+        and the ones that fail are set aside (quarantine.py), so one bad row never stops the sweeper.
+        """
         if self.window is None:
             return
         while True:
-            timed_out = await self.store.sweep_experiences(now=self._clock(), window=self.window,
-                                                           writers=self.writers)
+            try:
+                timed_out = await self.store.sweep_experiences(now=self._clock(), window=self.window,
+                                                               writers=self.writers)
+            except Exception as exc:
+                if quarantine.is_transient(exc):
+                    raise
+                timed_out = await self._sweep_one_by_one()
             for row in timed_out:
                 log.info("experience_timed_out", experience_id=row["experience_id"], urgency=row["urgency"],
                          type=row["type"], collector_id=self.collector_id)
@@ -167,6 +198,31 @@ class Collector:
                 self._on_written()
             if len(timed_out) < 1000:
                 return
+
+    async def _sweep_one_by_one(self) -> list[dict[str, Any]]:
+        assert self.window is not None
+        window = self.window
+        timed_out: list[dict[str, Any]] = []
+        for cid in await self.store.due_experiences(now=self._clock()):
+            rows = await quarantine.guard(
+                "experience", cid, functools.partial(self.store.sweep_experiences, now=self._clock(), window=window,
+                                                     writers=self.writers, only=cid),
+                set_aside=self._set_aside, payload={"correlation_id": cid}, collector_id=self.collector_id)
+            if not isinstance(rows, quarantine.SetAside):
+                timed_out.extend(rows)
+        return timed_out
+
+    async def _bill_again(self) -> None:
+        """Billable events handed back from the quarantine (`aggregator quarantine retry`): made and queued once."""
+        if self.billing is None:
+            return
+        for item in await self.store.quarantine_retries("billable"):
+            payload = json.loads(item["payload"] or "{}")
+            await quarantine.guard(
+                "billable", item["ref"], functools.partial(
+                    self.store.bill_again, item["id"], payload, defs=self.meter_defs, billing=self.billing,
+                    writers=self.writers, now=self._clock()),
+                set_aside=self._set_aside, payload=payload, collector_id=self.collector_id)
 
     async def _prune_now_and_then(self) -> None:
         now = self._clock()

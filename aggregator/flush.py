@@ -6,21 +6,27 @@ transaction. A batch that fails, or whose commit outcome is unknown, stays as it
 first on the next flush with the same number; the store skips it if it had in fact been committed.
 Only then is new data taken. During an outage, what is queued past the memory budget goes to a local
 spool (``spool.py``) and is replayed, in order and under the same numbers, when the store answers.
+A batch the store refuses for a reason of its own (a value out of range) is applied less the windows at
+fault, which go to the quarantine in the same commit (``_isolate``): the flush never stalls on them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import functools
 import hashlib
+import json
 import pathlib
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import sqlalchemy as sa
 
-from aggregator import busy, exceptions, experiences, health, logs, meters, spool, store, tracker
+from aggregator import busy, exceptions, experiences, health, logs, meters, quarantine, spool, store, tracker
 
 log = logs.get_logger("aggregator.flush")
 
@@ -36,6 +42,7 @@ class FlushStats:
 
     flushes: int = 0
     failures: int = 0
+    failures_in_row: int = 0  # flush attempts failed since the last that succeeded (health.py)
     events_flushed: int = 0
     late_batches: int = 0
     last_duration: float = 0.0
@@ -98,6 +105,8 @@ class Flusher:
                 await self._apply()
             self._unconfirmed, self._unconfirmed_ids = self._take(final=final)
             await self._apply()
+            if not final:
+                await self._retry_quarantined()
 
     def _take(self, *, final: bool) -> tuple[store.Batch, dict[int, tuple[set[int], set[int]]]]:
         watermark = self._clock() - WATERMARK_SLACK  # read before the swap: see WATERMARK_SLACK
@@ -237,17 +246,24 @@ class Flusher:
 
     async def _apply_batch(self, batch: store.Batch, writer_id: uuid.UUID, replica_id: str | None = None) -> None:
         began = time.monotonic()
+        apply = functools.partial(
+            self.store.apply_batch, writer_id=writer_id, replica_id=replica_id or self.replica_id,
+            window=self.tracker.window, now=self._clock(), meter_defs=self.recorder.meters if self.recorder else None,
+            urgencies=self.checkpoints.urgencies if self.checkpoints else None)
         try:
-            result = await self.store.apply_batch(
-                batch, writer_id=writer_id, replica_id=replica_id or self.replica_id, window=self.tracker.window,
-                now=self._clock(), meter_defs=self.recorder.meters if self.recorder else None,
-                urgencies=self.checkpoints.urgencies if self.checkpoints else None,
-            )
+            try:
+                result = await apply(batch)
+            except Exception as exc:
+                if quarantine.is_transient(exc):
+                    raise
+                result = await self._isolate(batch, apply, exc, writer_id=writer_id,
+                                             replica_id=replica_id or self.replica_id)
         except asyncio.CancelledError:  # a stop called it off: the batch stays queued (or is spooled)
             log.info("flush_called_off", seq=batch.seq, events=batch.events, replica_id=self.replica_id)
             raise
         except BaseException as exc:
             self.stats.failures += 1
+            self.stats.failures_in_row += 1
             self.stats.last_error = f"{type(exc).__name__}: {exc}"
             if isinstance(exc, exceptions.StoreUnavailable):
                 if self.contact.failed(self.stats.last_error):
@@ -270,6 +286,7 @@ class Flusher:
         self.stats.last_duration = duration
         self.stats.last_success_at = self._clock()
         self.stats.last_error = None
+        self.stats.failures_in_row = 0
         if batch.watermark is not None and writer_id == self.writer_id:
             self.stats.watermark = batch.watermark
         if result.late_windows:
@@ -286,6 +303,76 @@ class Flusher:
             final=batch.final or None, replica_id=replica_id or self.replica_id,
         )
 
+    async def _isolate(self, batch: store.Batch, apply: Callable[..., Awaitable[store.BatchResult]],
+                       error: Exception, *, writer_id: uuid.UUID, replica_id: str) -> store.BatchResult:
+        """Apply ``batch`` less its parts the store refuses for a reason of their own, which are set aside.
+
+        The store refused the batch, and not because it is away: each part (per window: its counts and
+        ids, its meter records, its checkpoints) is tried alone in a transaction rolled back, and the parts that
+        fail go to the quarantine in the commit of the rest of the batch, under the batch's number: so a
+        retry after an ambiguous commit changes nothing, and each part is either applied or set aside,
+        once. If the batch fails without any of its parts (nothing of the data at fault), ``error`` stands.
+        """
+        window = self.tracker.window
+        try:
+            await apply(_select(batch, window, lambda unit: False), probe=True)
+        except Exception as exc:
+            if quarantine.is_transient(exc):
+                raise
+            raise error from None
+        items: list[quarantine.Item] = []
+        refused: set[tuple[int, str]] = set()
+        for unit in _units(batch, window):
+            part = _select(batch, window, unit.__eq__)
+
+            async def refuse(item: quarantine.Item, unit: tuple[int, str] = unit) -> None:
+                items.append(item)
+                refused.add(unit)
+
+            await quarantine.guard("flush", quarantine.ref(writer_id, batch.seq, *unit),
+                                   functools.partial(apply, part, probe=True), set_aside=refuse,
+                                   payload=_payload(part, replica_id, writer_id, unit), announced=False)
+        if not items:
+            raise error
+        result = await apply(_select(batch, window, lambda unit: unit not in refused), set_aside=items)
+        for item in items:
+            quarantine.announce(item, seq=batch.seq, replica_id=self.replica_id)
+        return result
+
+    async def _retry_quarantined(self) -> None:
+        """Apply the flush parts handed back from the quarantine (`aggregator quarantine retry`), each once.
+
+        Any replica may take one: the commit that applies it deletes its row. Reads the quarantine's counts
+        too (status() shows them). A database away leaves them for the next flush.
+        """
+        try:
+            counts = await self.store.quarantine_counts()
+            if not counts.get("flush", {}).get("retry"):
+                return
+            for item in await self.store.quarantine_retries("flush"):
+                await quarantine.guard("flush", item["ref"], functools.partial(self._apply_retried, item),
+                                       set_aside=self._set_aside, payload=json.loads(item["payload"] or "null"),
+                                       replica_id=self.replica_id)
+        except exceptions.StoreError as exc:
+            log.warning("quarantine_retry_failed", error=str(exc), replica_id=self.replica_id)
+
+    async def _apply_retried(self, item: dict[str, Any]) -> None:
+        payload = json.loads(item["payload"] or "null")
+        if not isinstance(payload, dict) or not isinstance(payload.get("batch"), str):
+            raise exceptions.InvalidInput(f"quarantined flush item {item['id']} has no batch in its payload; it "
+                                          "cannot be applied (delete it from the quarantine table)")
+        part = spool.decode(base64.b64decode(payload["batch"]), source=f"quarantined flush item {item['id']}")
+        result = await self.store.apply_quarantined(
+            item["id"], part, replica_id=str(payload.get("replica_id") or self.replica_id),
+            window=self.tracker.window, now=self._clock(), meter_defs=self.recorder.meters if self.recorder else None,
+            urgencies=self.checkpoints.urgencies if self.checkpoints else None)
+        if result is not None:
+            log.info("quarantine_retried", kind="flush", ref=item["ref"], id=item["id"],
+                     late_windows=result.late_windows or None, replica_id=self.replica_id)
+
+    async def _set_aside(self, item: quarantine.Item) -> None:
+        await self.store.set_aside(item, now=self._clock(), by=self.replica_id)
+
     def _confirm(self) -> None:
         for start, (workspaces, users) in self._unconfirmed_ids.items():
             sent = self._sent.setdefault(start, (set(), set()))
@@ -297,3 +384,46 @@ class Flusher:
         oldest = tracker.window_start(self._clock(), self.tracker.window) - self.tracker.window
         for start in [s for s in self._sent if s < oldest]:
             del self._sent[start]
+
+
+def _units(batch: store.Batch, window: int) -> list[tuple[int, str]]:
+    """The parts a refused batch is tried in: per window, its counts and ids, meter records, checkpoints."""
+    units = {(start, "usage") for start in batch.windows}
+    units |= {(experiences.window_of(c.received_at, window), "checkpoints") for c in batch.checkpoints}
+    if batch.meters is not None:
+        units |= {(start, "meters") for start, _, _ in batch.meters.groups}
+        units |= {(item.window_start, "meters") for item in batch.meters.identified.values()}
+    return sorted(units)
+
+
+def _select(batch: store.Batch, window: int, keep: Callable[[tuple[int, str]], bool]) -> store.Batch:
+    """``batch`` with the parts ``keep`` says yes to (same number, watermark and stop)."""
+    metered = None
+    left_out = 0
+    if batch.meters is not None:
+        metered = meters.MeterBatch()
+        for key, data in batch.meters.groups.items():
+            if keep((key[0], "meters")):
+                metered.groups[key] = data
+            else:
+                left_out += data.records
+        for ident, item in batch.meters.identified.items():
+            if keep((item.window_start, "meters")):
+                metered.identified[ident] = item
+            else:
+                left_out += 1
+    checkpoints = [c for c in batch.checkpoints if keep((experiences.window_of(c.received_at, window), "checkpoints"))]
+    left_out += len(batch.checkpoints) - len(checkpoints)
+    return dataclasses.replace(batch, windows={s: w for s, w in batch.windows.items() if keep((s, "usage"))},
+                               meters=metered, checkpoints=checkpoints, events=max(batch.events - left_out, 0))
+
+
+def _payload(part: store.Batch, replica_id: str, writer_id: uuid.UUID, unit: tuple[int, str]) -> dict[str, Any]:
+    """What a retry of a flush part needs: the part in the spool's format (versioned, exact), base64."""
+    payload: dict[str, Any] = {"replica_id": replica_id, "writer_id": str(writer_id), "seq": part.seq,
+                               "window_start": quarantine.ref(unit[0]), "part": unit[1], "format": "spool"}
+    try:
+        payload["batch"] = base64.b64encode(spool.encode(dataclasses.replace(part, final=False))).decode()
+    except spool.SpoolError as exc:  # kept without its data: the reason says why
+        payload["unencodable"] = quarantine.reason(exc)
+    return payload

@@ -17,6 +17,11 @@ from aggregator import reports
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+# Why the API refused a request (http_guard and api count them); each is exposed, at 0 too.
+REJECTED = ("unauthorized", "forbidden", "invalid", "too_large", "unsupported_media_type", "foreign_host",
+            "cross_origin")
+
+
 @dataclasses.dataclass
 class Counters:
     events_accepted: int = 0
@@ -76,7 +81,7 @@ def render(status: dict[str, Any], counters: Counters, outbox: list[dict[str, An
     metric("checkpoints_accepted_total", "counter", "Checkpoints accepted by POST /v1/checkpoints.",
            [("", counters.checkpoints_accepted)])
     metric("requests_rejected_total", "counter", "API requests rejected, by reason.",
-           [(f'{{reason="{r}"}}', counters.rejected[r]) for r in ("unauthorized", "forbidden", "invalid", "too_large")])
+           [(f'{{reason="{r}"}}', counters.rejected[r]) for r in REJECTED])
     metric("unflushed_events", "gauge", "Events tracked in this replica and not yet durable.",
            [("", status.get("unflushed_events", status["pending_events"]))])
     contact = status.get("store")
@@ -146,6 +151,16 @@ def render(status: dict[str, Any], counters: Counters, outbox: list[dict[str, An
             metric("last_report_replicas_missing", "gauge",
                    "Replica incarnations given up on in the newest report (0: complete).",
                    [("", tally.last_replicas_missing)])
+    found = status.get("health")
+    if found is not None:  # one-hot, so an alert reads `aggregator_health{state="degraded"} == 1`
+        metric("health", "gauge", "1 for this replica's health state (ok, degraded or failing; see /healthz), else 0.",
+               [(f'{{state="{state}"}}', 1.0 if found["state"] == state else 0.0)
+                for state in ("ok", "degraded", "failing")])
+    quarantined = status.get("quarantined")
+    if quarantined is not None:
+        metric("quarantined_items", "gauge",
+               "Items set aside in the quarantine, by kind (all replicas): see `aggregator quarantine list`.",
+               [(f'{{kind="{kind}"}}', n) for kind, n in sorted(quarantined.items())])
     errors = (flush.failures if flush else 0) + (collector.failures if collector else 0)
     metric("errors_total", "counter", "Errors of flushes and collections in this replica.", [("", errors)])
     return "\n".join(lines) + "\n"

@@ -2,7 +2,8 @@
 
 report → outbox (same commit) → delivery loop → writer. An item is marked delivered only after its
 writer said so; a failure is retried with exponential backoff and jitter up to ``max_attempts``, then
-the item is dead-lettered with its last error (``aggregator outbox retry`` revives it). Loops are
+the item is dead-lettered with its last error (``aggregator outbox retry`` revives it). An item that
+cannot even be rendered is set aside (quarantine.py): dead-lettered at once, its reason in the quarantine. Loops are
 independent, so one writer that fails or hangs never delays another. Identifiers are pseudonymized
 here, the one place every outgoing item passes, before any writer sees them, and so are event ids
 derived from identifiers: the row keeps its unkeyed id, the writer gets the keyed one (privacy.py).
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from aggregator import billing, config, exceptions, experiences, logs, privacy, store
+from aggregator import billing, config, exceptions, experiences, logs, privacy, quarantine, store
 from aggregator.store.outbox import Settlement
 from aggregator.writers import Envelope, Outcome, Writer
 
@@ -140,32 +141,62 @@ class Deliverer:
             return 0
         stats = self.stats[writer.name]
         stats.rounds += 1
-        envelopes = [self._envelope(row) for row in rows]
+        leased = len(rows)
+        rows, envelopes, set_aside = await self._render(writer, rows)
         began = time.monotonic()
+        outcomes: list[Outcome] = []
         try:
-            outcomes = await asyncio.wait_for(writer.send(envelopes), timeout=self.lease / 2)
+            if envelopes:
+                outcomes = await asyncio.wait_for(writer.send(envelopes), timeout=self.lease / 2)
             if len(outcomes) != len(envelopes):
                 outcomes = [Outcome.retry(f"writer returned {len(outcomes)} outcomes for {len(envelopes)} items")
                             ] * len(envelopes)
         except (asyncio.TimeoutError, Exception) as exc:  # a writer bug or hang must not stop the loop
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             outcomes = [Outcome.retry(f"writer {writer.name!r} raised {error}")] * len(envelopes)
-        settlements = [self._settle(row, outcome) for row, outcome in zip(rows, outcomes, strict=True)]
+        settlements = [self._settle(row, outcome) for row, outcome in zip(rows, outcomes, strict=True)] + set_aside
         await self.store.settle_outbox(self.claimer, settlements, now=self._clock())
         counts = collections.Counter(s.status for s in settlements)
         stats.delivered += counts["delivered"]
         stats.retried += counts["pending"]
         stats.dead += counts["dead"]
-        failed = [o.error for o in outcomes if o.status != "delivered"]
+        failed = [o.error for o in outcomes if o.status != "delivered"] + [d.error for d in set_aside]
         if failed:
             stats.last_error = failed[-1]
-            log.warning("delivery_failed", writer=writer.name, items=len(rows), delivered=counts["delivered"],
+            log.warning("delivery_failed", writer=writer.name, items=leased, delivered=counts["delivered"],
                         retry=counts["pending"], dead=counts["dead"], error=failed[-1])
-        log.debug("delivery", writer=writer.name, items=len(rows), delivered=counts["delivered"],
+        log.debug("delivery", writer=writer.name, items=leased, delivered=counts["delivered"],
                   duration_ms=round((time.monotonic() - began) * 1000, 2))
-        return len(rows)
+        return leased
 
     # ---- inside ----------------------------------------------------------------------------------
+
+    async def _render(self, writer: Writer, rows: list[dict[str, Any]]
+                      ) -> tuple[list[dict[str, Any]], list[Envelope], list[Settlement]]:
+        """The rows that could be made into envelopes, their envelopes, and dead settlements for the others.
+
+        An item that cannot even be rendered (a payload edited by hand, a kind this version does not know)
+        is set aside: dead-lettered with the quarantine's reason, so the writer's queue moves on.
+        """
+        kept: list[dict[str, Any]] = []
+        envelopes: list[Envelope] = []
+        dead: list[Settlement] = []
+        for row in rows:
+            async def render(row: dict[str, Any] = row) -> Envelope:
+                return self._envelope(row)
+
+            async def set_aside(item: quarantine.Item, row: dict[str, Any] = row) -> None:
+                await self.store.set_aside(item, now=self._clock(), by=self.claimer)
+                dead.append(Settlement(row["id"], "dead", row["attempts"] + 1, row["next_attempt_at"],
+                                       f"quarantined: {item.reason}"))
+
+            envelope = await quarantine.guard("delivery", str(row["id"]), render, set_aside=set_aside,
+                                              payload={"outbox_id": row["id"], "writer": writer.name,
+                                                       "kind": row["kind"]}, writer=writer.name)
+            if not isinstance(envelope, quarantine.SetAside):
+                kept.append(row)
+                envelopes.append(envelope)
+        return kept, envelopes, dead
 
     def _envelope(self, row: dict[str, Any]) -> Envelope:
         # The item's own schema, not today's: an item queued by an earlier version (a usage_report 1-0-0,

@@ -281,3 +281,27 @@ experience_slis = sa.Table(
     sa.Column("duration_p90_s", sa.Float, nullable=True),
     sa.Column("duration_p99_s", sa.Float, nullable=True),
 )
+
+# ---- quarantine (#12) -----------------------------------------------------------------------------
+# Items a loop set aside because they failed for a reason of their own (a value out of range, a row
+# edited by hand, a bug), so that everything else goes on: one row per item, by kind and reference.
+# ``held`` items are skipped by their loop; ``retry`` (set by `aggregator quarantine retry`) lets the loop
+# take them again, and the commit that processes one deletes its row. Retention never prunes them.
+QUARANTINE_KINDS = ("flush", "window", "experience", "billable", "delivery")
+QUARANTINE_STATUSES = ("held", "retry")
+quarantine = sa.Table(
+    "quarantine",
+    metadata,
+    sa.Column("id", _BigSerial, primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("ref", sa.String(255), nullable=False),  # what the item is: a window start, a correlation id...
+    sa.Column("status", sa.String(16), nullable=False, server_default="held"),
+    sa.Column("reason", sa.Text, nullable=False),  # the exception's type and message, bounded
+    sa.Column("payload", sa.Text, nullable=True),  # JSON: what a retry needs
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("first_at", sa.Float, nullable=False),
+    sa.Column("last_at", sa.Float, nullable=False),
+    sa.Column("set_aside_by", sa.String(200), nullable=True),  # the replica whose loop set it aside last
+    sa.UniqueConstraint("kind", "ref", name="uq_quarantine_kind_ref"),
+    sa.CheckConstraint("status IN ('held', 'retry')", name="status"),
+)

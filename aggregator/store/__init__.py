@@ -32,9 +32,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from aggregator import config, exceptions, logs, schema
 from aggregator import experiences as journeys  # not .experiences below: that name is our submodule
 from aggregator import meters as metering  # likewise
+from aggregator import quarantine as isolation  # likewise
 from aggregator.store.experiences import ExperienceQueries
 from aggregator.store.meters import MeterQueries
 from aggregator.store.outbox import OutboxQueries
+from aggregator.store.quarantine import QuarantineQueries, held
 
 log = logs.get_logger("aggregator.store")
 
@@ -170,6 +172,8 @@ def _translated(exc: sa.exc.DBAPIError, masked: str, password: str | None) -> ex
             " has no column named " in line):  # the last two: SQLite's words, it has no SQLSTATE
         kind, message = exceptions.SchemaOutdated, (f"database {masked}: {line}; the schema is older than this "
                                                     "version of aggregator: run `aggregator db upgrade`")
+    elif _value_refused(exc):
+        kind, message = exceptions.StoreError, f"database {masked} driver refused a value: {line}"
     elif state in _POOLED_STATEMENT or state == _PROTOCOL_VIOLATION and line.startswith("bind message"):
         kind, message = exceptions.StoreError, f"database {masked}: {line}; {_POOLER_FIX}"
     elif state == _PROTOCOL_VIOLATION and line.startswith("unsupported startup parameter"):
@@ -184,6 +188,22 @@ def _translated(exc: sa.exc.DBAPIError, masked: str, password: str | None) -> ex
     else:
         message = f"database {masked} unavailable: {type(exc).__name__}: {line}"
     return kind(_scrub(message, password))
+
+
+def _value_refused(exc: BaseException) -> bool:
+    """Whether a value of the statement was refused: a data exception (SQLSTATE class 22), or the driver's
+    own refusal before sending it (asyncpg: a number out of int64 range, raised from an OverflowError).
+    A fault of the data, never transient."""
+    if (_sqlstate(exc) or "").startswith("22"):
+        return True
+    seen: BaseException | None = getattr(exc, "orig", None) or exc.__cause__
+    for _ in range(5):  # the driver's error, and what it was raised from
+        if seen is None:
+            break
+        if isinstance(seen, ValueError | OverflowError):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 def _sqlstate(exc: BaseException) -> str | None:
@@ -268,7 +288,11 @@ def _unnamed_statement() -> str:
     return ""  # asyncpg: the unnamed statement (a name given, so asyncpg 0.29 and 0.30 do not make one up)
 
 
-class Store(OutboxQueries, MeterQueries, ExperienceQueries):
+class _Probed(Exception):
+    """Raised inside a probe's transaction to roll it back (never leaves the store)."""
+
+
+class Store(OutboxQueries, MeterQueries, ExperienceQueries, QuarantineQueries):
     """The database behind one Aggregator: an async engine and the statements it runs."""
 
     def __init__(self, url: str, *, pool_size: int = 5, pooler: str = "none") -> None:
@@ -294,6 +318,8 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries):
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         # Reads: on SQLite a deferred BEGIN, so they run beside a writer (WAL) instead of queueing.
         self.reader = self.engine.execution_options(aggregator_read_only=True)
+        # Items in the quarantine per kind, as last read (status() and /metrics show it); None: not read yet.
+        self.quarantined: dict[str, int] | None = None
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -341,62 +367,99 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries):
 
     async def apply_batch(self, batch: Batch, *, writer_id: uuid.UUID, replica_id: str, window: int,
                           now: float, meter_defs: Mapping[str, metering.Meter] | None = None,
-                          urgencies: Mapping[str, float] | None = None) -> BatchResult:
-        """Apply one flush batch exactly once (see the module docstring)."""
+                          urgencies: Mapping[str, float] | None = None, probe: bool = False,
+                          set_aside: Sequence[isolation.Item] = ()) -> BatchResult:
+        """Apply one flush batch exactly once (see the module docstring).
+
+        ``probe``: do everything, then roll back; raises what applying it would raise (the flusher finds
+        which part of a refused batch is at fault this way). ``set_aside``: quarantine items recorded in
+        the batch's own commit (the parts left out of it), so they are set aside exactly when it applies.
+        """
         result = BatchResult(applied=False, late_windows=[], late_target=None)
+        try:
+            async with self.transaction() as conn:
+                last_seq = await self._lock_sequence(conn, writer_id, replica_id, now)
+                if last_seq >= batch.seq:
+                    return result
+                await self._apply_parts(conn, batch, result, replica_id=replica_id, window=window, now=now,
+                                        meter_defs=meter_defs, urgencies=urgencies)
+                for item in set_aside:
+                    await self._set_aside(conn, item, now=now, by=replica_id)
+                await self._publish(conn, writer_id, batch, now)
+                if probe:
+                    raise _Probed
+        except _Probed:
+            return result
+        result.applied = True
+        return result
+
+    async def apply_quarantined(self, item_id: int, batch: Batch, *, replica_id: str, window: int, now: float,
+                                meter_defs: Mapping[str, metering.Meter] | None = None,
+                                urgencies: Mapping[str, float] | None = None) -> BatchResult | None:
+        """Apply a flush part handed back from the quarantine, in the commit that deletes its row.
+
+        None: another replica took it first (or it is held again). Its data counts as the replica's
+        that first sent it; a window reported meanwhile gets it as late data, like any late flush.
+        """
+        result = BatchResult(applied=False, late_windows=[], late_target=None)
+        async with self.transaction() as conn:
+            if not await self._release(conn, kind="flush", item_id=item_id):
+                return None
+            await self._apply_parts(conn, batch, result, replica_id=replica_id, window=window, now=now,
+                                    meter_defs=meter_defs, urgencies=urgencies)
+        result.applied = True
+        return result
+
+    async def _apply_parts(self, conn: AsyncConnection, batch: Batch, result: BatchResult, *, replica_id: str,
+                           window: int, now: float, meter_defs: Mapping[str, metering.Meter] | None,
+                           urgencies: Mapping[str, float] | None) -> None:
+        """A batch's windows, meter records and checkpoints, in the caller's transaction."""
         current = int(now // window) * window
         metered = batch.meters if batch.meters is not None and batch.meters.records else None
         meter_starts = set() if metered is None else (
             {start for start, _, _ in metered.groups} | {r.window_start for r in metered.identified.values()})
         checkpoint_starts = {journeys.window_of(c.received_at, window) for c in batch.checkpoints}
-        async with self.transaction() as conn:
-            last_seq = await self._lock_sequence(conn, writer_id, replica_id, now)
-            if last_seq >= batch.seq:
-                return result
-            starts = sorted(set(batch.windows) | meter_starts | checkpoint_starts | {current})
-            closed = await self._share_windows(conn, starts, window)
-            for start in sorted(batch.windows):
-                part = batch.windows[start]
-                if part.is_empty():
-                    continue
-                if start not in closed:
-                    await self._insert_ids(conn, start, schema.DIM_WORKSPACE, part.workspaces)
-                    await self._insert_ids(conn, start, schema.DIM_USER, part.users)
-                    await self._add_contribution(conn, start, replica_id, ontime=True,
-                                                 allowed=part.allowed, denied=part.denied)
-                    continue
-                # Late: the ids still join their own window's set (so they are never counted twice),
-                # and what they add is reported in the window that is open now.
-                if result.late_target is None:
-                    result.late_target = await self._open_window_from(conn, current, window, closed)
-                new_workspaces = await self._insert_ids(conn, start, schema.DIM_WORKSPACE, part.workspaces,
-                                                        count_new=True)
-                new_users = await self._insert_ids(conn, start, schema.DIM_USER, part.users, count_new=True)
-                await self._add_contribution(conn, result.late_target, replica_id, ontime=False,
-                                             late_allowed=part.allowed, late_denied=part.denied,
-                                             late_workspaces=new_workspaces, late_users=new_users)
-                result.late_windows.append(start)
+        starts = sorted(set(batch.windows) | meter_starts | checkpoint_starts | {current})
+        closed = await self._share_windows(conn, starts, window)
+        for start in sorted(batch.windows):
+            part = batch.windows[start]
+            if part.is_empty():
+                continue
+            if start not in closed:
+                await self._insert_ids(conn, start, schema.DIM_WORKSPACE, part.workspaces)
+                await self._insert_ids(conn, start, schema.DIM_USER, part.users)
+                await self._add_contribution(conn, start, replica_id, ontime=True,
+                                             allowed=part.allowed, denied=part.denied)
+                continue
+            # Late: the ids still join their own window's set (so they are never counted twice),
+            # and what they add is reported in the window that is open now.
+            if result.late_target is None:
+                result.late_target = await self._open_window_from(conn, current, window, closed)
+            new_workspaces = await self._insert_ids(conn, start, schema.DIM_WORKSPACE, part.workspaces,
+                                                    count_new=True)
+            new_users = await self._insert_ids(conn, start, schema.DIM_USER, part.users, count_new=True)
+            await self._add_contribution(conn, result.late_target, replica_id, ontime=False,
+                                         late_allowed=part.allowed, late_denied=part.denied,
+                                         late_workspaces=new_workspaces, late_users=new_users)
+            result.late_windows.append(start)
 
-            async def late_target() -> int:
-                if result.late_target is None:
-                    result.late_target = await self._open_window_from(conn, current, window, closed)
-                return result.late_target
+        async def late_target() -> int:
+            if result.late_target is None:
+                result.late_target = await self._open_window_from(conn, current, window, closed)
+            return result.late_target
 
-            # A replica whose data of a window is only meter records or checkpoints contributed to it too.
-            for start in sorted((meter_starts | checkpoint_starts) - closed - {
-                    s for s, part in batch.windows.items() if not part.is_empty()}):
-                await self._add_contribution(conn, start, replica_id, ontime=True, allowed=0, denied=0)
-            if metered is not None:
-                result.overflowed = await self._apply_meters(conn, metered, meter_defs or {}, closed=closed,
-                                                             late_target=late_target, now=now)
-                result.late_windows.extend(sorted(meter_starts & closed - set(result.late_windows)))
-            if batch.checkpoints:
-                result.checkpoints = await self._apply_checkpoints(
-                    conn, batch.checkpoints, urgencies or journeys.DEFAULT_URGENCIES, window=window, closed=closed,
-                    late_target=late_target)
-            await self._publish(conn, writer_id, batch, now)
-        result.applied = True
-        return result
+        # A replica whose data of a window is only meter records or checkpoints contributed to it too.
+        for start in sorted((meter_starts | checkpoint_starts) - closed - {
+                s for s, part in batch.windows.items() if not part.is_empty()}):
+            await self._add_contribution(conn, start, replica_id, ontime=True, allowed=0, denied=0)
+        if metered is not None:
+            result.overflowed = await self._apply_meters(conn, metered, meter_defs or {}, closed=closed,
+                                                         late_target=late_target, now=now)
+            result.late_windows.extend(sorted(meter_starts & closed - set(result.late_windows)))
+        if batch.checkpoints:
+            result.checkpoints = await self._apply_checkpoints(
+                conn, batch.checkpoints, urgencies or journeys.DEFAULT_URGENCIES, window=window, closed=closed,
+                late_target=late_target)
 
     def _db_now(self) -> sa.ColumnElement[float]:
         """The database's clock in epoch seconds: the one clock every replica shares."""
@@ -497,12 +560,17 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries):
     # ---- collect -----------------------------------------------------------------------------
 
     async def open_windows(self, *, ended_by: float) -> list[tuple[int, int]]:
-        """(start, end) of the windows not yet reported that ended by ``ended_by``, oldest first."""
+        """(start, end) of the windows not yet reported that ended by ``ended_by``, oldest first.
+
+        Windows held in the quarantine are left out: their collection failed for a reason of their own.
+        """
         w = schema.windows
         async with self.read() as conn:
             rows = await conn.execute(
                 sa.select(w.c.window_start, w.c.window_end)
-                .where(w.c.closed_at.is_(None), w.c.window_end <= ended_by).order_by(w.c.window_start))
+                .where(w.c.closed_at.is_(None), w.c.window_end <= ended_by,
+                       ~held("window", sa.cast(w.c.window_start, sa.String)))
+                .order_by(w.c.window_start))
             return [(int(start), int(end)) for start, end in rows]
 
     async def incarnations(self, *, below: float) -> list[Incarnation]:
@@ -569,6 +637,7 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries):
             await self._enqueue_report(conn, report, writers, now)
             report["meters"] = await self._collect_meters(conn, report, meter_defs or {}, billing, writers, now)
             report["experiences"] = await self._collect_slis(conn, report, writers, now)
+            await self._release(conn, kind="window", refs=[str(start)])  # a retried window: reported now
         return report
 
     async def _aggregate(self, conn: AsyncConnection, start: int, end: int) -> dict[str, Any]:
@@ -638,6 +707,13 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries):
             query = query.limit(limit)
         async with self.read() as conn:
             return [dict(row._mapping) for row in await conn.execute(query)]
+
+    async def quarantine_counts(self) -> dict[str, dict[str, int]]:
+        """Items in the quarantine per kind and status; the totals per kind (every kind, 0 if none) are kept
+        as ``quarantined`` for status() and /metrics."""
+        counts = await self._quarantine_counts()
+        self.quarantined = {kind: sum(counts.get(kind, {}).values()) for kind in sorted({*isolation.KINDS, *counts})}
+        return counts
 
     async def ping(self) -> None:
         async with self.read() as conn:

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from aggregator import experiences, schema
 from aggregator.store.base import StoreBase
 from aggregator.store.outbox import OutboxQueries
+from aggregator.store.quarantine import QuarantineQueries, held
 
 _STATUS = {"success": "succeeded", "failure": "failed"}
 _ORDER = {"start": 0, "intermediate": 1, "end": 2}  # within one client timestamp
@@ -132,26 +133,46 @@ class ExperienceQueries:
                 if i.checkpoint_category else i for i in items]
 
     async def sweep_experiences(self: _Base, *, now: float, window: int, writers: Sequence[str] = (),
-                                limit: int = 1000) -> list[dict[str, Any]]:
-        """Time out open experiences past their deadline, each exactly once; returns the ones this call did."""
+                                limit: int = 1000, only: str | None = None) -> list[dict[str, Any]]:
+        """Time out open experiences past their deadline, each exactly once; returns the ones this call did.
+
+        Experiences held in the quarantine are skipped; one handed back for a retry leaves it in the commit
+        that times it out. ``only``: that experience alone (the collector isolating one that fails).
+        """
         e = schema.experiences
         async with self.transaction() as conn:
             current = experiences.window_of(now, window)
             closed = await self._share_windows(conn, [current], window)
             target = await self._open_window_from(conn, current, window, closed)
+            query = sa.select(e).where(*ExperienceQueries._due(now, only))
             rows = [dict(r._mapping) for r in await conn.execute(
-                sa.select(e).where(e.c.status == "open", e.c.deadline <= now)
-                .order_by(e.c.deadline).limit(limit).with_for_update(skip_locked=True))]
+                query.order_by(e.c.deadline).limit(limit).with_for_update(skip_locked=True))]
             if not rows:
                 return []
-            await conn.execute(sa.update(e).where(e.c.correlation_id.in_([r["correlation_id"] for r in rows]))
+            ids = [r["correlation_id"] for r in rows]
+            await conn.execute(sa.update(e).where(e.c.correlation_id.in_(ids))
                                .values(status="timed_out", outcome_window=target, deadline=None))
             for row in rows:
                 await OutboxQueries._enqueue(
                     self, conn, writers, kind=experiences.FAILURE_KIND, schema_uri=experiences.FAILURE_SCHEMA,
                     key=row["correlation_id"], payload=experiences.failure_event(row, timed_out_at=now),
                     occurred_at=now, report_id=None, now=now)
+            await QuarantineQueries._release(self, conn, kind="experience", refs=ids)
         return rows
+
+    async def due_experiences(self: _Base, *, now: float, limit: int = 1000) -> list[str]:
+        """Correlation ids of the open experiences past their deadline that the sweeper may take, oldest first."""
+        e = schema.experiences
+        async with self.read() as conn:
+            rows = await conn.execute(sa.select(e.c.correlation_id).where(*ExperienceQueries._due(now, None))
+                                      .order_by(e.c.deadline).limit(limit))
+            return [cid for (cid,) in rows]
+
+    @staticmethod
+    def _due(now: float, only: str | None) -> list[sa.ColumnElement[bool]]:
+        e = schema.experiences
+        where = [e.c.status == "open", e.c.deadline <= now, ~held("experience", e.c.correlation_id)]
+        return where + ([e.c.correlation_id == only] if only is not None else [])
 
     async def _collect_slis(self: _Base, conn: AsyncConnection, report: Mapping[str, Any], writers: Sequence[str],
                             now: float) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ batch's sequence number making a retry a no-op, and one commit per window's repo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import Mapping, Sequence
@@ -15,11 +16,18 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from aggregator import exceptions, meters, schema
+from aggregator import exceptions, meters, quarantine, schema
 from aggregator.store.base import StoreBase
 from aggregator.store.outbox import OutboxQueries
+from aggregator.store.quarantine import QuarantineQueries
 
 _Base = StoreBase
+
+
+def billable_ref(payload: Mapping[str, Any]) -> str:
+    """A billable item's quarantine reference: meter, window, late, and a digest of its group (raw dimensions)."""
+    digest = hashlib.sha256(str(payload["group_key"]).encode()).hexdigest()[:16]
+    return quarantine.ref(payload["meter"], payload["window_start"], "late" if payload["late"] else "ontime", digest)
 
 
 class MeterQueries:
@@ -194,16 +202,61 @@ class MeterQueries:
             definition = defs.get(result["meter"])
             if definition is None or not definition.billable or billing is None:
                 continue
+            await MeterQueries._bill(self, conn, definition, result, report, billing, writers, now)
+        return results
+
+    async def _bill(self: _Base, conn: AsyncConnection, definition: meters.Meter, result: Mapping[str, Any],
+                    report: Mapping[str, Any], billing: Any, writers: Sequence[str], now: float) -> None:
+        """The billable event of one meter result, stored and queued; set aside (same commit) if it cannot be made."""
+        async def build() -> dict[str, Any] | None:
+            return billing.event(definition, result, report)  # type: ignore[no-any-return]
+
+        async def set_aside(item: quarantine.Item) -> None:
+            await QuarantineQueries._set_aside(self, conn, item, now=now, by=report.get("generated_by"))
+
+        payload = {"meter": result["meter"], "group_key": result["group_key"], "late": bool(result["late"]),
+                   "quantity": int(result["quantity"]), "window_start": report["window_start"],
+                   "window_end": report["window_end"], "report_id": report["id"]}
+        event = await quarantine.guard("billable", billable_ref(payload), build, set_aside=set_aside,
+                                       payload=payload, report_id=report["id"])
+        if event is None or isinstance(event, quarantine.SetAside):
+            return
+        await conn.execute(sa.insert(schema.billable_events).values(
+            event_id=uuid.UUID(event["event_id"]), window_start=report["window_start"], meter=result["meter"],
+            report_id=report["id"], payload=json.dumps(event, sort_keys=True)))
+        await OutboxQueries._enqueue(self, conn, writers, kind=billing.KIND, schema_uri=billing.SCHEMA,
+                                     event_id=uuid.UUID(event["event_id"]), payload=event,
+                                     occurred_at=report["window_end"], report_id=report["id"], now=now)
+
+    async def bill_again(self: _Base, item_id: int, payload: Mapping[str, Any], *, defs: Mapping[str, meters.Meter],
+                         billing: Any, writers: Sequence[str], now: float) -> bool:
+        """A billable event handed back from the quarantine, made and queued in the commit that deletes its row.
+
+        False: another collector took it first. Raises (for the caller to set it aside again) if it still
+        cannot be made, or if its meter is no longer declared billable.
+        """
+        definition = defs.get(str(payload.get("meter")))
+        if definition is None or not definition.billable:
+            raise exceptions.InvalidInput(
+                f"meter {payload.get('meter')!r} of this billable item is not declared billable here; declare it "
+                "(billable = true) in the collecting replicas, or delete the item from the quarantine")
+        result = {"meter": payload["meter"], "group_key": payload["group_key"], "late": payload["late"],
+                  "quantity": payload["quantity"]}
+        report = {"window_start": payload["window_start"], "window_end": payload["window_end"],
+                  "id": payload["report_id"]}
+        async with self.transaction() as conn:
+            if not await QuarantineQueries._release(self, conn, kind="billable", item_id=item_id):
+                return False
             event = billing.event(definition, result, report)
             if event is None:
-                continue
+                return True
             await conn.execute(sa.insert(schema.billable_events).values(
-                event_id=uuid.UUID(event["event_id"]), window_start=start, meter=result["meter"],
+                event_id=uuid.UUID(event["event_id"]), window_start=report["window_start"], meter=result["meter"],
                 report_id=report["id"], payload=json.dumps(event, sort_keys=True)))
             await OutboxQueries._enqueue(self, conn, writers, kind=billing.KIND, schema_uri=billing.SCHEMA,
                                          event_id=uuid.UUID(event["event_id"]), payload=event,
                                          occurred_at=report["window_end"], report_id=report["id"], now=now)
-        return results
+        return True
 
     async def prune_meters(self: _Base, conn: AsyncConnection, old: Any, *, event_ids_before: float) -> None:
         """Inside prune(): meter data of windows reported long ago, and event ids past the dedup horizon."""

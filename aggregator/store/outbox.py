@@ -143,8 +143,11 @@ class OutboxQueries:
 
     async def retry_outbox(self: _Base, *, now: float, writer: str | None = None,
                            ids: Sequence[int] | None = None) -> int:
-        """Send dead items again (all, one writer's, or the given ids): pending, attempts from zero."""
-        o = schema.outbox
+        """Send dead items again (all, one writer's, or the given ids): pending, attempts from zero.
+
+        Those the delivery loop had set aside (they could not be rendered) leave the quarantine with it.
+        """
+        o, q = schema.outbox, schema.quarantine
         statement = sa.update(o).where(o.c.status == "dead").values(
             status="pending", attempts=0, next_attempt_at=now, claimed_by=None, claimed_until=None)
         if writer is not None:
@@ -152,10 +155,15 @@ class OutboxQueries:
         if ids is not None:
             statement = statement.where(o.c.id.in_(list(ids)))
         async with self.transaction() as conn:
-            return int((await conn.execute(statement)).rowcount or 0)
+            revived = int((await conn.execute(statement)).rowcount or 0)
+            if revived:
+                await conn.execute(sa.delete(q).where(q.c.kind == "delivery", ~sa.exists().where(
+                    sa.cast(o.c.id, sa.String) == q.c.ref, o.c.status == "dead")))
+            return revived
 
     async def prune_outbox(self: _Base, *, before: float) -> int:
-        """Forget delivered items delivered before ``before``; dead and pending ones stay."""
+        """Forget delivered items delivered before ``before``; dead and pending ones stay, whatever their age
+        (a dead item waits for an operator: ``aggregator outbox retry``)."""
         o = schema.outbox
         async with self.transaction() as conn:
             result = await conn.execute(sa.delete(o).where(o.c.status == "delivered", o.c.delivered_at < before))
