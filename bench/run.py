@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator import config, logs
-from bench import daemon, figures, hotpath, journeys, memory, postgres, spool, watermarks, workload
+from bench import daemon, figures, hostile, hotpath, journeys, memory, postgres, spool, watermarks, workload
 from bench.figures import Result
 
 DATABASE_ENV = "AGGREGATOR_BENCH_DATABASE_URL"
@@ -43,6 +43,8 @@ ROWS: dict[str, Callable[[workload.Env], Result]] = {
     # Issue #11: watermarks (a window is reported once every replica has flushed past it) and the spool.
     "report_latency": watermarks.report_latency,
     "spool": spool.throughput,
+    # Issue #12: hostile input is handled in bounded time.
+    "worst_request": hostile.worst_request,
 }
 
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from aggregator import api, config, metrics, reports, store
+from aggregator import api, api_models, config, metrics, reports, store
 from aggregator.reports import Report
 from aggregator.runtime import Aggregator
 from tests.helpers import GRACE, T0, WINDOW, FakeClock, manual
@@ -40,7 +40,7 @@ async def client(database_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, Ag
 
 async def test_a_valid_batch_is_counted(client: tuple) -> None:
     http, agg, counters = client
-    now = time.time()
+    now = agg.now()  # event times are checked against the Aggregator's clock (a fake one here)
     response = await http.post("/v1/track", headers=AUTH, json={"events": [
         event(0), event(1, allowed=0, denied=3), event(2, time=now), event(3, time=_iso(now))]})
     assert (response.status_code, response.json()) == (202, {"accepted": 4})
@@ -152,7 +152,8 @@ async def test_a_pulled_report_says_how_many_replicas_it_misses_and_whether_it_i
     page = (await http.get("/v1/reports", headers=AUTH)).json()
     assert [(complete, 0, True), (incomplete, 2, False)] == [
         (r["id"], r["replicas_missing"], r["complete"]) for r in page["reports"]]
-    expected = {"window_start": "2027-01-15T08:01:00Z", "replicas": 1, "generated_by": "collector-1"}
+    # No pseudonym_key here: the replica id is withheld (tests/test_http_hygiene.py shows it pseudonymized).
+    expected = {"window_start": "2027-01-15T08:01:00Z", "replicas": 1, "generated_by": None}
     assert expected == {k: page["reports"][1][k] for k in expected}
     spec = (await http.get("/openapi.json")).json()
     report = spec["components"]["schemas"]["ReportOut"]
@@ -165,7 +166,7 @@ async def test_a_pulled_report_says_how_many_replicas_it_misses_and_whether_it_i
 
 def test_the_report_model_has_every_report_field_and_complete() -> None:
     """The API's report model follows Report: a field added there must be added here."""
-    assert {*reports.FIELDS, "complete"} == set(api.ReportOut.model_fields)
+    assert {*reports.FIELDS, "complete"} == set(api_models.ReportOut.model_fields)
 
 
 async def test_metrics_count_incomplete_reports_of_every_replica(client: tuple, database_url: str) -> None:
@@ -253,7 +254,8 @@ async def test_open_api_without_tokens_only_on_loopback(database_url: str) -> No
     settings = config.load_daemon_settings({"database_url": database_url, "window": f"{WINDOW}s"}, environ={})
     async with manual(database_url, FakeClock()) as agg:
         app = api.build_app(agg, settings, metrics.Counters())
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        # Without tokens only a local Host is served (tests/test_http_hygiene.py).
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8714") as http:
             assert (await http.post("/v1/track", json={"events": [event(0)]})).status_code == 202
     with pytest.raises(config.exceptions.ConfigError, match="not a loopback address"):
         config.load_daemon_settings({"listen": "0.0.0.0:8714"}, environ={})
@@ -282,8 +284,8 @@ METERS = {"build_seconds": {"aggregation": "sum", "unit": "seconds", "decimals":
 @pytest.fixture
 async def metered(database_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, Aggregator, FakeClock]]:
     settings = config.load_daemon_settings(
-        {"database_url": database_url, "api_tokens": TOKEN, "window": f"{WINDOW}s", "max_events_per_request": "20"},
-        environ={})
+        {"database_url": database_url, "api_tokens": TOKEN, "window": f"{WINDOW}s", "max_events_per_request": "20",
+         "pseudonym_allowlist": "project_id"}, environ={})  # project_id in clear, as a writer would send it
     clock = FakeClock()
     async with manual(database_url, clock, meters=METERS) as agg:
         app = api.build_app(agg, settings, metrics.Counters())
