@@ -34,6 +34,8 @@ log = logs.get_logger("aggregator.flush")
 # appended just after it (a thread preempted in between) is still covered. A call stalled longer
 # than this between the two is counted as late data, never lost.
 WATERMARK_SLACK = 1.0
+# How often a flusher looks for flush parts handed back from the quarantine when no count says so.
+QUARANTINE_CHECK_S = 30.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -78,6 +80,7 @@ class Flusher:
         self._spool: spool.Spool | None = None  # this incarnation's, opened at the first spill
         self._spooled_events = 0
         self.busy = busy.Busy()  # one flush at a time; stop() waits on it, then calls it off
+        self._quarantine_checked = time.monotonic() - QUARANTINE_CHECK_S  # the first flush looks
 
     @property
     def unflushed_events(self) -> int:
@@ -94,10 +97,11 @@ class Flusher:
     def spool_path(self) -> str | None:
         return str(self._spool.path) if self._spool is not None else None
 
-    async def flush(self, *, final: bool = False) -> None:
+    async def flush(self, *, final: bool = False, retries: bool = False) -> None:
         """Make everything tracked so far durable, or raise a StoreError leaving it queued.
 
         ``final``: the last flush of a clean stop; the store marks this incarnation stopped with it.
+        ``retries``: also look for flush parts handed back from the quarantine now (a host's flush()).
         """
         async with self.busy:
             await self._replay_spool()
@@ -105,7 +109,7 @@ class Flusher:
                 await self._apply()
             self._unconfirmed, self._unconfirmed_ids = self._take(final=final)
             await self._apply()
-            if not final:
+            if not final and (retries or self._quarantine_check_due()):
                 await self._retry_quarantined()
 
     def _take(self, *, final: bool) -> tuple[store.Batch, dict[int, tuple[set[int], set[int]]]]:
@@ -338,6 +342,17 @@ class Flusher:
         for item in items:
             quarantine.announce(item, seq=batch.seq, replica_id=self.replica_id)
         return result
+
+    def _quarantine_check_due(self) -> bool:
+        """Whether to look for flush parts handed back (no I/O): when the counts last read (by this flusher
+        or the collector) show some, else every QUARANTINE_CHECK_S; never on the flush's own path otherwise."""
+        if self.store.quarantine_statuses.get("flush", {}).get("retry"):
+            return True
+        now = time.monotonic()
+        if now - self._quarantine_checked < QUARANTINE_CHECK_S:
+            return False
+        self._quarantine_checked = now
+        return True
 
     async def _retry_quarantined(self) -> None:
         """Apply the flush parts handed back from the quarantine (`aggregator quarantine retry`), each once.

@@ -629,13 +629,13 @@ class Aggregator(beyond.MetersAndExperiences):
                     path=flusher.spool_path, error=str(error), replica_id=self.replica_id,
                     hint="the next start of a replica on this host with the same spool_dir replays them")
 
-    async def _flush_now(self) -> None:
+    async def _flush_now(self, *, scheduled: bool = False) -> None:
         assert self._flusher is not None and self._ready is not None
         if not self._ready.is_set():
             raise exceptions.StoreUnavailable(
                 f"database {self._store.masked_url if self._store else ''} has not answered yet: "
                 f"{self._fatal or self._contact.last_error or 'connecting'}")
-        await self._flusher.flush()
+        await self._flusher.flush(retries=not scheduled)
 
     async def _collect_now(self) -> list[Report]:
         assert self._collector is not None
@@ -652,7 +652,7 @@ class Aggregator(beyond.MetersAndExperiences):
         if self._ready is None or not self._ready.is_set():
             return  # the connector is at it; the drainer keeps memory within budget meanwhile
         try:
-            await self._flush_now()
+            await self._flush_now(scheduled=True)
         except exceptions.StoreError:
             s = self.settings
             self._retry_delay = min(max(self._retry_delay * 2, 0.25), s.flush_interval)

@@ -320,6 +320,7 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries, QuarantineQueries):
         self.reader = self.engine.execution_options(aggregator_read_only=True)
         # Items in the quarantine per kind, as last read (status() and /metrics show it); None: not read yet.
         self.quarantined: dict[str, int] | None = None
+        self.quarantine_statuses: dict[str, dict[str, int]] = {}  # per kind and status, as last read
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -712,6 +713,7 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries, QuarantineQueries):
         """Items in the quarantine per kind and status; the totals per kind (every kind, 0 if none) are kept
         as ``quarantined`` for status() and /metrics."""
         counts = await self._quarantine_counts()
+        self.quarantine_statuses = counts
         self.quarantined = {kind: sum(counts.get(kind, {}).values()) for kind in sorted({*isolation.KINDS, *counts})}
         return counts
 
