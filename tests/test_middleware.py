@@ -33,6 +33,7 @@ from aggregator.middleware import AggregatorASGI, AggregatorWSGI, Message, Outco
 from tests.apps import usage_plan
 from tests.faults import free_port
 from tests.helpers import WINDOW, FakeClock, collect_all, far_future_reader, manual
+from tests.test_prefork import _kill_group
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -40,12 +41,6 @@ NO_CONTROL_SOCKET = ["--no-control-socket"] if gunicorn.version_info >= (25, 1) 
 SEND_MARGIN = 20.0  # seconds the plan's requests may take; they must land in one report window
 
 
-def _kill_group(process: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(10)
 
 
 def _wait_until_serving(process: subprocess.Popen[bytes], base_url: str, log: Path) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from aggregator import billing as billable  # not `billing`: the collectors' Billing is passed by that name
 from aggregator import exceptions, meters, quarantine, schema
 from aggregator.store.base import StoreBase
 from aggregator.store.outbox import OutboxQueries
@@ -221,10 +222,15 @@ class MeterQueries:
                                        payload=payload, report_id=report["id"])
         if event is None or isinstance(event, quarantine.SetAside):
             return
+        await MeterQueries._keep_billable(self, conn, event, result["meter"], report, writers=writers, now=now)
+
+    async def _keep_billable(self: _Base, conn: AsyncConnection, event: dict[str, Any], meter: str,
+                             report: Mapping[str, Any], *, writers: Sequence[str], now: float) -> None:
+        """Store a billable event and queue it for every writer, in the caller's transaction."""
         await conn.execute(sa.insert(schema.billable_events).values(
-            event_id=uuid.UUID(event["event_id"]), window_start=report["window_start"], meter=result["meter"],
+            event_id=uuid.UUID(event["event_id"]), window_start=report["window_start"], meter=meter,
             report_id=report["id"], payload=json.dumps(event, sort_keys=True)))
-        await OutboxQueries._enqueue(self, conn, writers, kind=billing.KIND, schema_uri=billing.SCHEMA,
+        await OutboxQueries._enqueue(self, conn, writers, kind=billable.KIND, schema_uri=billable.SCHEMA,
                                      event_id=uuid.UUID(event["event_id"]), payload=event,
                                      occurred_at=report["window_end"], report_id=report["id"], now=now)
 
@@ -248,14 +254,8 @@ class MeterQueries:
             if not await QuarantineQueries._release(self, conn, kind="billable", item_id=item_id):
                 return False
             event = billing.event(definition, result, report)
-            if event is None:
-                return True
-            await conn.execute(sa.insert(schema.billable_events).values(
-                event_id=uuid.UUID(event["event_id"]), window_start=report["window_start"], meter=result["meter"],
-                report_id=report["id"], payload=json.dumps(event, sort_keys=True)))
-            await OutboxQueries._enqueue(self, conn, writers, kind=billing.KIND, schema_uri=billing.SCHEMA,
-                                         event_id=uuid.UUID(event["event_id"]), payload=event,
-                                         occurred_at=report["window_end"], report_id=report["id"], now=now)
+            if event is not None:
+                await MeterQueries._keep_billable(self, conn, event, result["meter"], report, writers=writers, now=now)
         return True
 
     async def prune_meters(self: _Base, conn: AsyncConnection, old: Any, *, event_ids_before: float) -> None:
