@@ -175,7 +175,9 @@ def decimal_number(value: object, name: str) -> decimal.Decimal:
         if not number.is_finite() or len(number.as_tuple().digits) > MAX_DECIMAL_TEXT:
             raise exceptions.InvalidInput(f"{name}={shown(number)} must be finite, of at most {MAX_DECIMAL_TEXT} "
                                           "digits")
-    if number < 0 or (number and not -MAX_DECIMAL_EXPONENT * 2 <= number.adjusted() <= MAX_DECIMAL_EXPONENT):
+    # The exponent first: comparing a number of a 9,999-digit exponent is what must not happen.
+    if number < 0 or (number and not -MAX_DECIMAL_EXPONENT * 2 <= number.adjusted() <= MAX_DECIMAL_EXPONENT) or (
+            number > 10**MAX_DECIMAL_EXPONENT):
         raise exceptions.InvalidInput(f"{name}={shown(value)} is out of range; pass a number >= 0 and at most "
                                       f"1e{MAX_DECIMAL_EXPONENT}, with at most {MAX_DECIMAL_EXPONENT * 2} decimals")
     return number

@@ -212,6 +212,11 @@ def test_run_delivers_reports_to_jsonl_and_snowplow_with_pseudonyms(tmp_path: Pa
                     {"workspace_id": str(uuid.UUID(int=1)), "user_id": str(uuid.UUID(int=2 + i))}]})
                 assert response.status_code == 202
                 time.sleep(0.2)
+            # On a loaded machine the collector may lag the traffic: wait for two reports (not a timing bet).
+            deadline = time.monotonic() + 60
+            while len(http.get("/v1/reports").json()["reports"]) < 2:
+                assert time.monotonic() < deadline, "fewer than two reports after 60 s"
+                time.sleep(0.2)
         assert daemon.stop() == 0, daemon.output()
         files = sorted((tmp_path / "out").glob("*.jsonl"))
         lines = [json.loads(line) for f in files for line in f.read_text().splitlines()]
