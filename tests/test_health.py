@@ -226,35 +226,31 @@ async def _until_flushed(agg: Aggregator, within: float = 20.0) -> None:
 
 async def _refuse_reports(url: str) -> None:
     """Make the test's database refuse every new report, as a constraint would."""
-    if url.startswith("sqlite"):
-        conn = sqlite3.connect(sa.make_url(url).database or "")
-        try:
-            conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON reports BEGIN SELECT RAISE(ABORT, 'refused'); END")
-            conn.commit()
-        finally:
-            conn.close()
-        return
-    pg = await asyncpg.connect(sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False))
-    try:
-        await pg.execute("CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION "
-                         "'refused' USING ERRCODE = 'check_violation'; END $$; CREATE TRIGGER refuse BEFORE INSERT "
-                         "ON reports FOR EACH ROW EXECUTE FUNCTION refuse()")
-    finally:
-        await pg.close()
+    await _behind_the_back(
+        url, sqlite="CREATE TRIGGER refuse BEFORE INSERT ON reports BEGIN SELECT RAISE(ABORT, 'refused'); END",
+        postgresql="CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION "
+                   "'refused' USING ERRCODE = 'check_violation'; END $$; CREATE TRIGGER refuse BEFORE INSERT "
+                   "ON reports FOR EACH ROW EXECUTE FUNCTION refuse()")
 
 
 async def _rename(url: str, table: str, to: str) -> None:
     """Rename a table of the test's database behind the Aggregator's back."""
+    statement = f"ALTER TABLE {table} RENAME TO {to}"
+    await _behind_the_back(url, sqlite=statement, postgresql=statement)
+
+
+async def _behind_the_back(url: str, *, sqlite: str, postgresql: str) -> None:
+    """Run a statement on the test's database over a connection of its own (not the Aggregator's)."""
     if url.startswith("sqlite"):
         conn = sqlite3.connect(sa.make_url(url).database or "")
         try:
-            conn.execute(f"ALTER TABLE {table} RENAME TO {to}")
+            conn.execute(sqlite)
             conn.commit()
         finally:
             conn.close()
         return
     pg = await asyncpg.connect(sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False))
     try:
-        await pg.execute(f"ALTER TABLE {table} RENAME TO {to}")
+        await pg.execute(postgresql)
     finally:
         await pg.close()
