@@ -31,8 +31,19 @@ def _database_options(parser: argparse.ArgumentParser, url_help: str = "database
                 default="none")
 
 
+def _version() -> str:
+    """The installed distribution's version (the one pip shows)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("aggregator")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aggregator", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"aggregator {_version()}")
     _env_option(parser, "--cli-log-level", "AGGREGATOR_CLI_LOG_LEVEL",
                 "log level of the short commands (`run` has its own --log-level)", default="warning",
                 choices=["debug", "info", "warning", "error"])

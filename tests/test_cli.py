@@ -86,6 +86,13 @@ def test_bad_option_value_exits_2_naming_it(sqlite_url: str) -> None:
     assert "--since='yesterday' is not an ISO 8601 time" in result.stderr
 
 
+def test_version_is_the_installed_distributions() -> None:
+    from importlib import metadata
+
+    done = aggregator("--version")
+    assert (done.returncode, done.stdout.strip()) == (0, f"aggregator {metadata.version('aggregator')}")
+
+
 def test_help_names_the_environment_variables() -> None:
     out = aggregator("demo", "--help").stdout + aggregator("reports", "--help").stdout
     for name in ("AGGREGATOR_DEMO_REPLICAS", "AGGREGATOR_WINDOW", "AGGREGATOR_DEMO_DURATION",
