@@ -110,3 +110,37 @@ def _cell(value: object) -> str:
     if isinstance(value, dt.datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S")
     return str(value)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NextReport:
+    """When the report of the window open at ``now`` is due: what a first-time reader is told while there is
+    nothing to read yet.
+
+    The window closes at ``window_end``; its report is written once every live replica has flushed past
+    that end (about one flush interval, plus grace, plus a collection run later: ``expected_by``), and at
+    the latest ``max_collect_delay`` after the end, whatever holds it back (``at_latest``).
+    """
+
+    window_start: dt.datetime
+    window_end: dt.datetime
+    expected_by: dt.datetime
+    at_latest: dt.datetime
+
+    def sentence(self) -> str:
+        return (f"no report yet: the window {iso_utc(self.window_start)} - {iso_utc(self.window_end)} closes at "
+                f"{iso_utc(self.window_end)}; its report is expected by {iso_utc(self.expected_by)} "
+                f"(at the latest {iso_utc(self.at_latest)})")
+
+
+def next_report(now: float, *, window: float, flush_interval: float, grace: float, collect_interval: float,
+                max_collect_delay: float) -> NextReport:
+    """The report due next for windows of ``window`` seconds, seen at epoch time ``now``."""
+    start = int(now // window) * int(window)
+    end = start + int(window)
+    # A collection run comes every collect_interval, give or take half of it (config.Settings.build).
+    run = 1.5 * collect_interval
+    at_latest = end + max(max_collect_delay, grace) + run
+    return NextReport(window_start=to_datetime(start), window_end=to_datetime(end),
+                      expected_by=to_datetime(min(end + flush_interval + grace + run, at_latest)),
+                      at_latest=to_datetime(at_latest))
