@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator import config, logs
-from bench import daemon, figures, hostile, hotpath, journeys, memory, postgres, spool, watermarks, workload
+from bench import daemon, figures, flush_cost, hostile, hotpath, journeys, memory, postgres, spool, watermarks, workload
 from bench.figures import Result
 
 DATABASE_ENV = "AGGREGATOR_BENCH_DATABASE_URL"
@@ -45,6 +45,8 @@ ROWS: dict[str, Callable[[workload.Env], Result]] = {
     "spool": spool.throughput,
     # Issue #12: hostile input is handled in bounded time.
     "worst_request": hostile.worst_request,
+    # Issue #13: past one machine on PostgreSQL.
+    "pg_flush_by_window": flush_cost.by_window_size,
 }
 
 

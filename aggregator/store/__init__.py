@@ -52,10 +52,15 @@ _SQLITE_CHUNK = 50_000
 
 # Ids in sorted order, so concurrent flushes insert overlapping ids in one order and cannot deadlock.
 _PG_IDS = "FROM unnest($1::uuid[]) AS x"
+# The ids not stored yet, each looked up by one probe of the primary key. Not ``NOT EXISTS``: PostgreSQL
+# turns that into an anti-join whose plan follows the table's statistics, and a window newer than the
+# last ANALYZE looks empty to them, so a Merge Anti Join read every id already in the window (a 20-id
+# flush took 1.2 s into a window of 10^6). A LATERAL ... LIMIT 1 is never flattened into a join: the
+# probe is per id whatever the statistics say.
 _PG_INSERT_NEW_IDS = (
     f"INSERT INTO window_ids (window_start, dim, id) SELECT $2::bigint, $3::smallint, x {_PG_IDS} "
-    "WHERE NOT EXISTS (SELECT 1 FROM window_ids w WHERE w.window_start = $2 AND w.dim = $3 AND w.id = x) "
-    "ORDER BY x"
+    "LEFT JOIN LATERAL (SELECT 1 AS hit FROM window_ids w WHERE w.window_start = $2 AND w.dim = $3 "
+    "AND w.id = x LIMIT 1) AS stored ON true WHERE stored.hit IS NULL ORDER BY x"
 )
 _PG_INSERT_IDS_ON_CONFLICT = (
     f"INSERT INTO window_ids (window_start, dim, id) SELECT $2::bigint, $3::smallint, x {_PG_IDS} "
