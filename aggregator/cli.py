@@ -1,7 +1,7 @@
-"""The ``aggregator`` command: ``run``, ``config check``, ``db upgrade``, ``reports``, ``export``, ``outbox``,
-``quarantine``, ``demo``.
+"""The aggregator command line: the daemon, one-shot collection, the schema, reports, meters and SLIs (as
+tables, JSON, CSV or charts), CSV export, the outbox, the quarantine, and a demo.
 
-Every option falls back to an ``AGGREGATOR_*`` environment variable; ``--help`` names it.
+Every option falls back to an AGGREGATOR_* environment variable; COMMAND --help names it.
 Exit codes: 0 success, 1 failure at run time (database, a demo mismatch), 2 bad usage or settings.
 """
 
@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from aggregator import config, exceptions, flush, logs, migrate, quarantine, reports, runtime
+from aggregator import charts, config, demo, exceptions, flush, logs, migrate, quarantine, reports, runtime
 
 
 def _env_option(parser: argparse.ArgumentParser, flag: str, env: str, help: str, **kwargs: Any) -> None:
@@ -42,10 +42,11 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aggregator", description=__doc__.split("\n\n")[0])
+    description, epilog = __doc__.split("\n\n", 1)
+    parser = argparse.ArgumentParser(prog="aggregator", description=description, epilog=epilog)
     parser.add_argument("--version", action="version", version=f"aggregator {_version()}")
     _env_option(parser, "--cli-log-level", "AGGREGATOR_CLI_LOG_LEVEL",
-                "log level of the short commands (`run` has its own --log-level)", default="warning",
+                "log level of the short commands (run has its own --log-level)", default="warning",
                 choices=["debug", "info", "warning", "error"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(run=_run)
     check = commands.add_parser("config", help="configuration").add_subparsers(
         dest="config_command", required=True, metavar="CONFIG_COMMAND").add_parser(
-        "check", help="validate and print the effective configuration of `run`, secrets masked")
+        "check", help="validate and print the effective configuration of run, secrets masked")
     _daemon_options(check)
     check.set_defaults(run=_config_check)
 
@@ -72,11 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
                       "database URL (postgresql://... or sqlite:///path); unset means the embedded SQLite file")
     upgrade.set_defaults(run=_db_upgrade)
 
-    report = commands.add_parser("reports", help="print finished reports, oldest first")
+    report = commands.add_parser("reports", help="print finished reports, oldest first, or chart them")
     _database_options(report)
     _env_option(report, "--since", "AGGREGATOR_SINCE", "only windows starting at or after this ISO 8601 time")
-    _env_option(report, "--format", "AGGREGATOR_FORMAT", "output format", default="table",
-                choices=["table", "json", "csv"])
+    _env_option(report, "--format", "AGGREGATOR_FORMAT", "output format; csv pseudonymizes generated_by as export "
+                "does", default="table", choices=["table", "json", "csv"])
+    _chart_option(report, "users, workspaces, allowed and denied per window; completeness and late data marked")
+    report.add_argument("--config", default=None, metavar="PATH", help="the daemon's TOML file, for when the next "
+                        f"report is due [env: AGGREGATOR_CONFIG; default: {config.DEFAULT_CONFIG_PATH} if present]")
+    _pseudonym_options(report)
     report.set_defaults(run=_reports)
 
     export = commands.add_parser("export", help="write reports after a cursor to an idempotent CSV file")
@@ -98,11 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     _database_options(meter)
     meter.add_argument("--meter", default=None, help="only this meter")
     meter.add_argument("--format", default="table", choices=["table", "json"])
+    _chart_option(meter, "each group's quantity per window, one scale per meter; late records marked")
     meter.set_defaults(run=_meters)
 
     journeys = commands.add_parser("experiences", help="SLIs per window, experience and urgency, oldest first")
     _database_options(journeys)
     journeys.add_argument("--format", default="table", choices=["table", "json"])
+    _chart_option(journeys, "succeeded, failed and timed out per window, with p50, p90 and p99 durations")
     journeys.set_defaults(run=_experiences)
 
     box = commands.add_parser("outbox", help="report delivery: status, items, dead-letter retry").add_subparsers(
@@ -140,15 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
         _database_options(sub)
         sub.set_defaults(run=handler)
 
-    demo = commands.add_parser("demo", help="several replica processes, live windows, reports checked against truth")
-    _env_option(demo, "--replicas", "AGGREGATOR_DEMO_REPLICAS", "replica processes", default="3")
-    _env_option(demo, "--window", "AGGREGATOR_WINDOW", "report window", default="10s")
-    _env_option(demo, "--duration", "AGGREGATOR_DEMO_DURATION", "how long the replicas send traffic", default="35s")
-    _env_option(demo, "--flush-interval", "AGGREGATOR_FLUSH_INTERVAL", "flush interval", default="1s")
-    _env_option(demo, "--database-url", "AGGREGATOR_DEMO_DATABASE_URL",
-                "database URL; unset means a fresh SQLite file in a temporary directory")
-    demo.set_defaults(run=_demo)
+    show_off = commands.add_parser("demo", help="replica processes, live windows, reports checked against the truth")
+    _env_option(show_off, "--replicas", "AGGREGATOR_DEMO_REPLICAS", "replica processes, 1 to 32", default="3",
+                type=int)
+    _env_option(show_off, "--window", "AGGREGATOR_WINDOW", "report window", default="10s")
+    _env_option(show_off, "--duration", "AGGREGATOR_DEMO_DURATION", "how long the replicas send traffic", default="35s")
+    _env_option(show_off, "--flush-interval", "AGGREGATOR_FLUSH_INTERVAL", "flush interval", default="1s")
+    _env_option(show_off, "--database-url", "AGGREGATOR_DEMO_DATABASE_URL",
+                f"database URL; unset: SQLite file {demo.default_file()}, replaced by each demo, kept after it")
+    show_off.set_defaults(run=_demo)
     return parser
+
+
+def _chart_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--chart", action="store_true", help=f"draw a chart instead: {what}")
 
 
 def _daemon_options(parser: argparse.ArgumentParser) -> None:
@@ -261,41 +273,86 @@ def _reports(args: argparse.Namespace) -> int:
                 f"--since={args.since!r} is not an ISO 8601 time; use e.g. 2026-01-31T12:00:00Z") from None
         since = int((parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)).timestamp())
 
+    csv = args.format == "csv" and not args.chart
+    pseudonymizer = _pseudonyms(args, require="aggregator reports --format csv") if csv else None
     found = asyncio.run(runtime.read_reports(config.resolve_database_url(args.database_url), since,
                                              pooler=config.resolve_database_pooler(args.database_pooler)))
-    formatter = {"table": reports.format_table, "json": reports.format_json, "csv": reports.format_csv}[args.format]
-    sys.stdout.write(formatter(found))
+    if not found:
+        print(_next_report(args.config, first=since is None), file=sys.stderr)
+    if args.chart:
+        _show(charts.reports_chart(found) if found else None)
+    elif pseudonymizer is not None:
+        sys.stdout.write(reports.format_csv(_pseudonymized(report, pseudonymizer) for report in found))
+    else:
+        sys.stdout.write({"table": reports.format_table, "json": reports.format_json}[args.format](found))
+    return 0
+
+
+def _pseudonyms(args: argparse.Namespace, require: str | None = None) -> Any:
+    """The key and allowlist of --pseudonym-key and --pseudonym-allowlist; with ``require``, that command refuses
+    as export does when it would print identifiers of reports with no key to hash them."""
+    from aggregator import export, privacy
+
+    delivery = config.DeliverySettings.build(pseudonym_key=args.pseudonym_key,
+                                             pseudonym_allowlist=args.pseudonym_allowlist)
+    pseudonymizer = privacy.Pseudonymizer(delivery.pseudonym_key, delivery.pseudonym_allowlist)
+    if require is not None:
+        pseudonymizer.require([export.KIND], require)
+    return pseudonymizer
+
+
+def _pseudonymized(report: reports.Report, pseudonymizer: Any) -> reports.Report:
+    """``report`` with its identifiers (``generated_by``) hashed as the export hashes them."""
+    fields = report.to_dict()
+    hashed = pseudonymizer.apply("usage_report", fields)
+    return dataclasses.replace(report, **{k: v for k, v in hashed.items() if v != fields[k]})
+
+
+def _next_report(config_path: str | None, *, first: bool) -> str:
+    """Why there is nothing to show, and when there will be: timings as the daemon would run with them (its file,
+    AGGREGATOR_* variables), or the defaults where that configuration cannot be read (unless --config named it)."""
+    try:
+        settings = config.load_daemon_settings({}, config_path=config_path).aggregator
+    except exceptions.ConfigError:
+        if config_path is not None:
+            raise
+        settings = config.Settings.build(database_url="sqlite:///unused.db", delivery=config.DeliverySettings())
+    return reports.next_report(time.time(), window=settings.window, flush_interval=settings.flush_interval,
+                               grace=settings.grace, collect_interval=settings.collect_interval,
+                               max_collect_delay=settings.max_collect_delay).sentence(first=first)
+
+
+def _show(chart: Any, empty: str = "") -> int:
+    """Print a chart (or the line ``empty`` for none): styled on a terminal, else plain text without trailing blanks."""
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    if chart is None:
+        sys.stdout.write(empty and empty + "\n")
+    elif console.is_terminal:
+        console.print(chart)
+    else:
+        with console.capture() as captured:
+            console.print(chart)
+        sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from aggregator import demo
-
-    try:
-        replicas = int(args.replicas)
-    except ValueError:
-        raise exceptions.ConfigError(f"--replicas={args.replicas!r} must be a whole number from 1 to 32") from None
-    if not 1 <= replicas <= 32:
-        raise exceptions.ConfigError(f"--replicas={replicas} must be from 1 to 32")
-    return demo.run(
-        replicas=replicas,
-        window=config.parse_duration(args.window, key="--window"),
-        duration=config.parse_duration(args.duration, key="--duration"),
-        flush_interval=config.parse_duration(args.flush_interval, key="--flush-interval"),
-        database_url=args.database_url,
-    )
+    return demo.run(replicas=args.replicas, window=config.parse_duration(args.window, key="--window"),
+                    duration=config.parse_duration(args.duration, key="--duration"),
+                    flush_interval=config.parse_duration(args.flush_interval, key="--flush-interval"),
+                    database_url=args.database_url or None)
 
 
 def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from aggregator import export, privacy
+    from aggregator import export
 
     if not args.out:
         raise exceptions.ConfigError("--out is required: the directory to write the CSV file to")
-    delivery = config.DeliverySettings.build(pseudonym_key=args.pseudonym_key,
-                                             pseudonym_allowlist=args.pseudonym_allowlist)
-    pseudonymizer = privacy.Pseudonymizer(delivery.pseudonym_key, delivery.pseudonym_allowlist)
+    pseudonymizer = _pseudonyms(args)
     since, until = _whole(args.since, "--since"), None if args.until is None else _whole(args.until, "--until")
 
     async def run() -> export.ExportResult:
@@ -312,13 +369,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _outbox_status(args: argparse.Namespace) -> int:
-    import time
-
-    rows = asyncio.run(_with_store(args, lambda db: db.outbox_summary()))
-    now = time.time()
-    shown = [{"writer": r["writer"], "status": r["status"], "items": r["items"],
-              "oldest_age_s": round(now - r["oldest"], 1)} for r in rows]
-    _print_rows(shown, args.format, empty="the outbox is empty")
+    shown = charts.outbox_rows(asyncio.run(_with_store(args, lambda db: db.outbox_summary())), now=time.time())
+    sys.stdout.write(charts.listing(shown, args.format, empty="the outbox is empty"))
     return 0
 
 
@@ -326,16 +378,11 @@ def _outbox_list(args: argparse.Namespace) -> int:
     status = None if args.status == "all" else args.status
     rows = asyncio.run(_with_store(args, lambda db: db.outbox_items(
         status=status, writer=args.writer, limit=args.limit)))
-    shown = [{"id": r["id"], "writer": r["writer"], "status": r["status"], "attempts": r["attempts"],
-              "report_id": r["report_id"], "event_id": str(r["event_id"]), "last_error": r["last_error"] or ""}
-             for r in rows]
-    _print_rows(shown, args.format, empty=f"no {args.status} items")
+    sys.stdout.write(charts.listing(charts.outbox_items(rows), args.format, empty=f"no {args.status} items"))
     return 0
 
 
 def _outbox_retry(args: argparse.Namespace) -> int:
-    import time
-
     n = asyncio.run(_with_store(args, lambda db: db.retry_outbox(
         now=time.time(), writer=args.writer, ids=args.ids)))
     print(f"{n} dead item(s) queued again")
@@ -343,8 +390,6 @@ def _outbox_retry(args: argparse.Namespace) -> int:
 
 
 def _outbox_enqueue(args: argparse.Namespace) -> int:
-    import time
-
     n = asyncio.run(_with_store(args, lambda db: db.enqueue_reports(
         args.writer, after_id=args.since, now=time.time())))
     print(f"{n} report(s) queued for writer {args.writer!r}")
@@ -353,19 +398,12 @@ def _outbox_enqueue(args: argparse.Namespace) -> int:
 
 def _quarantine_list(args: argparse.Namespace) -> int:
     rows = asyncio.run(_with_store(args, lambda db: db.quarantined_items(kind=args.kind, limit=args.limit)))
-    shown = [{"id": r["id"], "kind": r["kind"], "ref": r["ref"], "status": r["status"], "attempts": r["attempts"],
-              "first": reports.iso_utc(r["first_at"], "seconds"), "last": reports.iso_utc(r["last_at"], "seconds"),
-              "reason": r["reason"]} for r in rows]
-    if args.format == "json":
-        for row, r in zip(shown, rows, strict=True):
-            row["payload"] = r["payload"]
-    _print_rows(shown, args.format, empty="the quarantine is empty")
+    shown = charts.quarantine_rows(rows, payload=args.format == "json")
+    sys.stdout.write(charts.listing(shown, args.format, empty="the quarantine is empty"))
     return 0
 
 
 def _quarantine_retry(args: argparse.Namespace) -> int:
-    import time
-
     ids = None if args.all else args.ids
     n = asyncio.run(_with_store(args, lambda db: db.retry_quarantined(now=time.time(), ids=ids)))
     print(f"{n} item(s) handed back to their loop (outbox items are queued again now; the others are taken at the "
@@ -401,51 +439,18 @@ def _whole(value: str, flag: str) -> int:
         raise exceptions.ConfigError(f"{flag}={value!r} must be a report id (a whole number >= 0)") from None
 
 
-def _print_rows(rows: list[dict[str, Any]], fmt: str, *, empty: str) -> None:
-    import json
-
-    if fmt == "json":
-        sys.stdout.write("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
-        return
-    if not rows:
-        print(empty)
-        return
-    columns = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
-    print("  ".join(c.ljust(widths[c]) for c in columns).rstrip())
-    for row in rows:
-        print("  ".join(str(row[c]).ljust(widths[c]) for c in columns).rstrip())
-
-
 def _meters(args: argparse.Namespace) -> int:
-    rows = asyncio.run(_with_store(args, lambda db: db.meter_results(meter=args.meter)))
-    import decimal
-    import json
-
-    from aggregator import meters
-
-    shown = []
-    for row in rows:
-        quantity = decimal.Decimal(row["quantity"]).scaleb(-row["decimals"])
-        shown.append({
-            "window_start": reports.iso_utc(row["window_start"]),
-            "meter": row["meter"],
-            "dimensions": {} if row["group_key"] == meters.OVERFLOW else json.loads(row["group_key"]),
-            "overflow": row["group_key"] == meters.OVERFLOW, "late": bool(row["late"]),
-            "quantity": int(quantity) if quantity == quantity.to_integral_value() else float(quantity),
-            "records": row["records"]})
-    if args.format == "table":
-        for row in shown:
-            row["dimensions"] = ",".join(f"{k}={v}" for k, v in row["dimensions"].items()) or "-"
-    _print_rows(shown, args.format, empty="no meter results yet")
+    found = asyncio.run(_with_store(args, lambda db: db.meter_results(meter=args.meter)))
+    shown = charts.meter_rows(found, flat=args.format == "table" and not args.chart)
+    if args.chart:
+        return _show(charts.meters_chart(shown) if shown else None, "no meter results yet")
+    sys.stdout.write(charts.listing(shown, args.format, empty="no meter results yet"))
     return 0
 
 
 def _experiences(args: argparse.Namespace) -> int:
-
-    rows = asyncio.run(_with_store(args, lambda db: db.experience_slis()))
-    shown = [{"window_start": reports.iso_utc(r["window_start"]), **{k: r[k] for k in (
-                  "experience_id", "urgency", "started", "succeeded", "failed", "timed_out", "completed",
-                  "duration_p50_s", "duration_p90_s", "duration_p99_s")}} for r in rows]
-    _print_rows(shown, args.format, empty="no experience SLIs yet")
+    shown = charts.sli_rows(asyncio.run(_with_store(args, lambda db: db.experience_slis())))
+    if args.chart:
+        return _show(charts.experiences_chart(shown) if shown else None, "no experience SLIs yet")
+    sys.stdout.write(charts.listing(shown, args.format, empty="no experience SLIs yet"))
     return 0

@@ -2,27 +2,71 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
 import os
+import pty
+import re
+import select
+import shlex
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from aggregator import migrate
+from aggregator import cli, migrate, reports
 from tests.helpers import T0, WINDOW, FakeClock, ids, manual
 
+KEY = "3f9c0a7e51b2d84c6e0f1a2b3c4d5e6f"
+# Not a terminal, whatever the environment running the tests says (None: the variable is removed); a fixed width.
+PLAIN: dict[str, str | None] = {"FORCE_COLOR": None, "TTY_COMPATIBLE": None, "COLUMNS": "100"}
 
-def aggregator(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run the console script installed beside this interpreter (the venv's), as an operator would."""
-    script = Path(sys.executable).parent / "aggregator"
-    command = [str(script)] if script.exists() else [shutil.which("aggregator") or "aggregator"]
-    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+
+def script() -> str:
+    """The console script installed beside this interpreter (the venv's)."""
+    path = Path(sys.executable).parent / "aggregator"
+    return str(path) if path.exists() else shutil.which("aggregator") or "aggregator"
+
+
+def aggregator(*args: str, env: dict[str, str | None] | None = None,
+               timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the installed console script as an operator would; ``env`` adds variables (None removes one)."""
+    environ = {**os.environ, **(env or {})}
+    return subprocess.run([script(), *args], capture_output=True, text=True, timeout=timeout,
+                          env={k: v for k, v in environ.items() if v is not None})
+
+
+def on_terminal(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> tuple[int, str]:
+    """Run the installed console script with a pseudo-terminal as stdin, stdout and stderr: its exit status and
+    everything it wrote there (escape codes included)."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR")}
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([script(), *args], stdin=follower, stdout=follower, stderr=follower,
+                            env={**environ, "TERM": "xterm-256color", "COLUMNS": "100", **(env or {})})
+    os.close(follower)
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([leader], [], [], 1.0)[0]:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # EIO: every process holding the terminal has closed it
+                    break
+                if not chunk:
+                    break
+                out += chunk
+    finally:
+        os.close(leader)
+        if proc.poll() is None:
+            proc.kill()
+    return proc.wait(timeout=10), out.decode(errors="replace")
 
 
 @pytest.mark.parametrize("empty_database_url", ["sqlite", "postgresql"], indirect=True)
@@ -51,7 +95,7 @@ def test_reports_in_every_format(database_url: str) -> None:
     assert {"window_end", "unique_workspaces", "replicas", "replicas_missing", "complete", "late_allowed_requests",
             "late_denied_requests", "late_unique_users", "late_unique_workspaces", "generated_at"} <= set(rows[0])
     as_csv = aggregator("reports", "--format", "csv", "--since", "2027-01-15T08:01:00Z",
-                        env={"AGGREGATOR_DATABASE_URL": database_url})
+                        env={"AGGREGATOR_DATABASE_URL": database_url, "AGGREGATOR_PSEUDONYM_KEY": KEY})
     assert [r["allowed_requests"] for r in csv.DictReader(io.StringIO(as_csv.stdout))] == ["0"]
     table = aggregator("reports", "--database-url", database_url)
     assert "2027-01-15 08:00:00" in table.stdout and "workspaces" in table.stdout
@@ -70,7 +114,8 @@ def test_reports_show_replicas_missing_in_every_format(database_url: str) -> Non
     rows = [json.loads(line) for line in as_json.stdout.splitlines()]
     expected = [(4, 0, True), (5, 2, False)]
     assert expected == [(r["allowed_requests"], r["replicas_missing"], r["complete"]) for r in rows]
-    as_csv = aggregator("reports", "--format", "csv", "--database-url", database_url).stdout
+    as_csv = aggregator("reports", "--format", "csv", "--database-url", database_url,
+                        env={"AGGREGATOR_PSEUDONYM_KEY": KEY}).stdout
     assert as_csv.splitlines()[0].endswith(",generated_by,replicas_missing")
     expected_csv = [("4", "0"), ("5", "2")]
     assert expected_csv == [(r["allowed_requests"], r["replicas_missing"]) for r in csv.DictReader(io.StringIO(as_csv))]
@@ -93,6 +138,80 @@ def test_version_is_the_installed_distributions() -> None:
     assert (done.returncode, done.stdout.strip()) == (0, f"aggregator {metadata.version('aggregator')}")
 
 
+def test_reports_csv_pseudonymizes_generated_by_as_the_export_does(sqlite_url: str, tmp_path: Path) -> None:
+    """The report CSV's one identifier, generated_by, is hashed with the pseudonym key exactly as in the export
+    file; without a key the command refuses as export does, unless generated_by is allowlisted."""
+    import asyncio
+
+    from tests.test_export import insert_report
+
+    asyncio.run(insert_report(sqlite_url, T0, allowed_requests=4))
+    env = {"AGGREGATOR_PSEUDONYM_KEY": KEY}
+    printed = aggregator("reports", "--format", "csv", "--database-url", sqlite_url, env=env)
+    exported = aggregator("export", "--since", "0", "--out", str(tmp_path / "out"), "--database-url", sqlite_url,
+                          env=env)
+    assert (printed.returncode, exported.returncode) == (0, 0), printed.stderr + exported.stderr
+    (path,) = (tmp_path / "out").iterdir()
+    expected = list(csv.DictReader(io.StringIO(path.read_text())))
+    assert expected == list(csv.DictReader(io.StringIO(printed.stdout)))
+    assert len(expected[0]["generated_by"]) == 64
+    refused = aggregator("reports", "--format", "csv", "--database-url", sqlite_url,
+                         env={"AGGREGATOR_PSEUDONYM_KEY": ""})
+    export_refused = aggregator("export", "--since", "0", "--out", str(tmp_path / "no"), "--database-url",
+                                sqlite_url, env={"AGGREGATOR_PSEUDONYM_KEY": ""})
+    expected_refusal = (2, export_refused.stderr.replace("aggregator export", "aggregator reports --format csv"))
+    assert expected_refusal == (refused.returncode, refused.stderr)
+    assert "generated_by" in refused.stderr and refused.stdout == ""
+    clear = aggregator("reports", "--format", "csv", "--pseudonym-allowlist", "generated_by", "--database-url",
+                       sqlite_url, env={"AGGREGATOR_PSEUDONYM_KEY": ""})
+    in_clear = ["collector-1"]
+    assert in_clear == [row["generated_by"] for row in csv.DictReader(io.StringIO(clear.stdout))]
+
+
+def test_reports_of_nothing_say_when_the_next_report_is_due(sqlite_url: str, tmp_path: Path) -> None:
+    """With no report yet, every form of `aggregator reports` exits 0 and tells on stderr when the next report is
+    due, under the timings the daemon would run with: its config file, then AGGREGATOR_* variables."""
+    daemon_config = tmp_path / "aggregator.toml"
+    daemon_config.write_text('window = "2m"\nflush_interval = "10s"\n')
+    env = {"AGGREGATOR_CONFIG": str(daemon_config), "AGGREGATOR_GRACE": "3s", "AGGREGATOR_COLLECT_INTERVAL": "2s",
+           "AGGREGATOR_MAX_COLLECT_DELAY": "5m", "AGGREGATOR_PSEUDONYM_KEY": KEY, **PLAIN}
+
+    def due(now: float) -> str:
+        return reports.next_report(now, window=120, flush_interval=10, grace=3, collect_interval=2,
+                                   max_collect_delay=300).sentence()
+
+    for flags in (("--format", "table"), ("--format", "json"), ("--format", "csv"), ("--chart",)):
+        before = time.time()
+        done = aggregator("reports", *flags, "--database-url", sqlite_url, env=env)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr.strip() in {due(before), due(time.time())}, flags
+    no_chart = ""
+    assert no_chart == aggregator("reports", "--chart", "--database-url", sqlite_url, env=env).stdout
+
+
+def command_parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[
+        tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every command and subcommand parser under ``parser``, with its path of names."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*path, name), sub
+                yield from command_parsers(sub, (*path, name))
+
+
+def test_help_lists_every_command_in_plain_text() -> None:
+    """`aggregator --help` names every command, each command's help names its subcommands, and no help shows
+    reST markup (double backquotes)."""
+    top = aggregator("--help", env={"COLUMNS": "100"})
+    assert top.returncode == 0, top.stderr
+    parsers = dict(command_parsers(cli.build_parser()))
+    helps = {(): top.stdout, **{path: sub.format_help() for path, sub in parsers.items()}}
+    expected: list[tuple[str, ...]] = []
+    assert expected == [path for path in parsers if not re.search(rf"^\s+{path[-1]}\b", helps[path[:-1]], re.M)]
+    assert {"meters", "experiences", "quarantine", "outbox", "demo", "export", "reports"} <= {p[0] for p in parsers}
+    assert expected == [path for path, text in helps.items() if "``" in text]
+
+
 def test_help_names_the_environment_variables() -> None:
     out = aggregator("demo", "--help").stdout + aggregator("reports", "--help").stdout
     for name in ("AGGREGATOR_DEMO_REPLICAS", "AGGREGATOR_WINDOW", "AGGREGATOR_DEMO_DURATION",
@@ -100,14 +219,72 @@ def test_help_names_the_environment_variables() -> None:
         assert name in out
 
 
+DEMO = ("demo", "--replicas", "3", "--window", "2s", "--duration", "5s", "--flush-interval", "0.5s")
+DEMO_ROW = re.compile(r"^(\d\d:\d\d:\d\d)–\S+ +workspaces +(\d+)/\d+ +users +(\d+)/\d+ +allowed +(\d+)/\d+ +"
+                      r"denied +(\d+)/\d+ .* exact$")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path, float]:
+    """One `aggregator demo` with piped output and its own state directory: the result, that directory, and
+    how long it ran."""
+    state = tmp_path_factory.mktemp("state")
+    started = time.monotonic()
+    result = aggregator(*DEMO, env={"XDG_STATE_HOME": str(state), "STATE_DIRECTORY": "",
+                                    "AGGREGATOR_DEMO_DATABASE_URL": ""}, timeout=180)
+    return result, state, time.monotonic() - started
+
+
 @pytest.mark.slow
-def test_demo_prints_only_exact_reports() -> None:
-    result = aggregator("demo", "--replicas", "3", "--window", "2s", "--duration", "5s", "--flush-interval",
-                        "0.5s", timeout=180)
+def test_demo_prints_only_exact_reports(demo_run: tuple[subprocess.CompletedProcess, Path, float]) -> None:
+    """Each window's report equals the ground truth; piped, progress is a plain line at most every few seconds."""
+    from aggregator import demo
+
+    result, _, took = demo_run
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if "workspaces" in line and "/" in line]
     assert len(lines) >= 2 and all(line.endswith("exact") and "NOT" not in line for line in lines)
     assert "all reports exact" in result.stdout
+    progress = [line for line in result.stdout.splitlines() if line.startswith("... ")]
+    assert 2 <= len(progress) <= took / demo.PLAIN_EVERY + 1
+    assert any("replicas tracking" in line and "closes in" in line for line in progress)
+    assert "\x1b" not in result.stdout
+
+
+@pytest.mark.slow
+def test_demo_keeps_its_database_and_prints_the_command_that_charts_it(
+        demo_run: tuple[subprocess.CompletedProcess, Path, float]) -> None:
+    """After the demo its database is kept in the state directory, and the command it prints charts every
+    window it showed, with the figures it reported."""
+    result, state, _ = demo_run
+    assert (state / "aggregator" / "demo" / "demo.db").is_file()
+    (command,) = [line.removeprefix("chart it:").strip() for line in result.stdout.splitlines()
+                  if line.startswith("chart it:")]
+    program, *args = shlex.split(command)
+    assert (program, args[:2]) == ("aggregator", ["reports", "--chart"])
+    assert str(state / "aggregator" / "demo" / "demo.db") in command
+    chart = aggregator(*args, env=PLAIN)
+    assert chart.returncode == 0, chart.stderr
+    from tests.test_charts import read_reports_chart
+
+    drawn = {start[-8:]: figures for start, figures in read_reports_chart(chart.stdout).items()}
+    shown = {m[1]: dict(zip(("workspaces", "users", "allowed", "denied"), map(int, m.groups()[1:]), strict=True))
+             for line in result.stdout.splitlines() if (m := DEMO_ROW.match(line))}
+    assert len(shown) >= 2
+    assert shown == {start: {k: drawn[start][k] for k in ("workspaces", "users", "allowed", "denied")}
+                     for start in shown}
+
+
+@pytest.mark.slow
+def test_demo_on_a_terminal_shows_live_progress(tmp_path: Path) -> None:
+    """On a terminal the demo keeps a live status line (replicas, events so far, when the window closes) under
+    the reports it prints, and still ends exact."""
+    status, text = on_terminal(*DEMO, env={"XDG_STATE_HOME": str(tmp_path), "STATE_DIRECTORY": "",
+                                           "AGGREGATOR_DEMO_DATABASE_URL": ""})
+    assert status == 0, text
+    assert "replicas tracking" in text and "closes in" in text and "events so far" in text
+    assert "all reports exact" in text and "chart it:" in text
+    assert "\x1b[" in text  # the live region is redrawn in place
 
 
 def test_export_writes_an_idempotent_csv_and_names_the_next_cursor(database_url: str, tmp_path: Path) -> None:
@@ -118,7 +295,7 @@ def test_export_writes_an_idempotent_csv_and_names_the_next_cursor(database_url:
         agg.flush()
         clock.past_window(T0)
         (report,) = agg.collect()
-    env = {"AGGREGATOR_PSEUDONYM_KEY": "3f9c0a7e51b2d84c6e0f1a2b3c4d5e6f"}
+    env = {"AGGREGATOR_PSEUDONYM_KEY": KEY}
     first = aggregator("export", "--format", "csv", "--since", "0", "--out", str(tmp_path / "a"),
                        "--database-url", database_url, env=env)
     again = aggregator("export", "--since", "0", "--out", str(tmp_path / "b"), "--database-url", database_url, env=env)
