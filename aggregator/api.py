@@ -21,7 +21,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from aggregator import api_models as models
-from aggregator import config, exceptions, http_guard, logs, metrics, reports, values
+from aggregator import config, dashboard, exceptions, http_guard, logs, metrics, reports, values
 from aggregator.api_models import Event, MeterRecord
 from aggregator.runtime import Aggregator
 
@@ -267,6 +267,7 @@ def build_app(agg: Aggregator, settings: config.DaemonSettings, counters: metric
     async def unavailable(_request: Request, exc: exceptions.StoreError) -> JSONResponse:
         return JSONResponse({"detail": f"database unavailable: {exc}; retry later"}, status_code=503)
 
+    app.include_router(dashboard.router(agg, pseudonyms, Depends(authorized)))  # /ui: outside the OpenAPI document
     _complete_openapi(app.openapi(), guarded, bearer=bool(tokens))
     return app
 
