@@ -8,6 +8,7 @@ request passes before a handler reads it (no browser, a local Host, strict JSON)
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hmac
 import re
@@ -56,6 +57,9 @@ def build_app(agg: Aggregator, settings: config.DaemonSettings, counters: metric
     limit = settings.max_body_bytes
     tally = metrics.ReportTally()  # the report stream's completeness, counted on as /metrics is scraped
     pseudonyms = models.pseudonymizer(settings.aggregator.delivery)  # as the writers show identifiers
+    # /metrics is open: a meter group's dimension is a label only when the allowlist shows it in clear; the
+    # rest (hashes included, which would still tell one project's usage from another's) is withheld.
+    open_labels = models.pseudonymizer(dataclasses.replace(settings.aggregator.delivery, pseudonym_key=None))
     # Without tokens (loopback only, see config) a Host naming another server is refused: DNS rebinding.
     hosts = None if tokens else http_guard.local_hosts(settings.listen[0])
     app.add_middleware(http_guard.Guard, hosts=hosts, counters=counters)
@@ -178,10 +182,15 @@ def build_app(agg: Aggregator, settings: config.DaemonSettings, counters: metric
     @app.get("/v1/reports", response_model=models.ReportPage, responses=pull_problems,
              dependencies=[Depends(authorized)])
     async def pull(after: Cursor = "0", limit: Limit = 100) -> models.ReportPage:
-        """Finished reports in stream order, after the cursor. Retrying with the same cursor is safe."""
+        """Finished reports in stream order, after the cursor. Retrying with the same cursor is safe.
+
+        An empty page says in `next_report` when the report of the window open now is due.
+        """
         found = await agg.areports(after=int(after), limit=limit)
         return models.ReportPage(reports=[models.ReportOut.of(r, pseudonyms) for r in found],
-                                 next_cursor=str(found[-1].id if found else int(after)))
+                                 next_cursor=str(found[-1].id if found else int(after)),
+                                 next_report=None if found else models.NextReportOut.due(
+                                     agg.settings, agg.now(), first=int(after) == 0))
 
     @app.get("/v1/meters", response_model=models.MeterPage, responses=pull_problems,
              dependencies=[Depends(authorized)])
@@ -233,13 +242,14 @@ def build_app(agg: Aggregator, settings: config.DaemonSettings, counters: metric
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
-        """Open: Prometheus text exposition (no identifiers, no secrets)."""
+        """Open: Prometheus text exposition (no secrets; of identifiers, only those on the pseudonym allowlist)."""
         outbox: list[dict[str, Any]] | None
         overflow: list[dict[str, Any]] | None
         shown: metrics.ReportTally | None = tally
         try:
             outbox, overflow = await agg.aoutbox(), await agg.aoverflow()
-            await tally.catch_up(lambda after, limit: agg.areports(after=after, limit=limit))
+            await tally.catch_up(lambda after, limit: agg.areports(after=after, limit=limit), agg.ameter_results,
+                                 lambda dimensions: models.shown_dimensions(dimensions, open_labels))
         except exceptions.StoreError:
             # The database is away: the other figures still say so (flush lag, errors).
             outbox = overflow = shown = None

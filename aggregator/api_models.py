@@ -18,7 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 from pydantic_core import PydanticCustomError
 
-from aggregator import billing, config, meters, privacy, values
+from aggregator import billing, config, meters, privacy, reports, values
 from aggregator.reports import Report
 
 MAX_DIMENSIONS = 16  # a meter declares at most 16 (meters.Meter.from_config)
@@ -218,9 +218,36 @@ class ReportOut(BaseModel):
         return cls(**fields | shown, complete=report.complete)
 
 
+class NextReportOut(BaseModel):
+    """When the report of the window open now is due (reports.next_report): told on an empty page, so a first
+    reader knows when to look again rather than wondering whether anything works."""
+
+    window_start: dt.datetime = Field(description="start of the window open now")
+    window_end: dt.datetime = Field(description="when the window closes: its start plus the window length "
+                                                "(epoch times that are multiples of it)")
+    expected_by: dt.datetime = Field(description="its report is expected by then: after the window end, a flush "
+                                                 "interval, the grace and a collection run")
+    at_latest: dt.datetime = Field(description="its report is written by then whatever holds it back (a silent "
+                                               "replica): max_collect_delay after the window end, and a "
+                                               "collection run")
+    message: str = Field(description="the same as a sentence, for people")
+
+    @classmethod
+    def due(cls, settings: config.Settings, now: float, *, first: bool = True) -> NextReportOut:
+        """The report due next for the Aggregator's settings, at its clock's ``now``; ``first``: from the stream's
+        start (else after a cursor)."""
+        found = reports.next_report(now, window=settings.window, flush_interval=settings.flush_interval,
+                                    grace=settings.grace, collect_interval=settings.collect_interval,
+                                    max_collect_delay=settings.max_collect_delay)
+        return cls(**dataclasses.asdict(found), message=found.sentence(first=first))
+
+
 class ReportPage(BaseModel):
     reports: list[ReportOut]
     next_cursor: str = Field(description="pass as `after` to get the reports that follow")
+    next_report: NextReportOut | None = Field(
+        default=None, description="on an empty page (nothing after the cursor yet): when the report of the window "
+                                  "open now is due; null on a page with reports")
 
 
 class MeterResultOut(BaseModel):
@@ -299,5 +326,5 @@ def body_schemas() -> dict[str, Any]:
 
 
 __all__ = ["BATCHES", "Accepted", "CheckpointBatch", "CheckpointIn", "CheckpointsAccepted", "Event", "MeterPage",
-           "MeterRecord", "MeterResultOut", "RecordBatch", "ReportOut", "ReportPage", "SliOut", "SliPage",
-           "TrackBatch", "body_schemas", "pseudonymizer", "shown_dimensions"]
+           "MeterRecord", "MeterResultOut", "NextReportOut", "RecordBatch", "ReportOut", "ReportPage", "SliOut",
+           "SliPage", "TrackBatch", "body_schemas", "pseudonymizer", "shown_dimensions"]

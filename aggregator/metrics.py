@@ -1,18 +1,21 @@
 """Prometheus text exposition of the daemon's figures (format 0.0.4), without a client library.
 
 Counters of the API live here; the flusher's and collector's figures come from ``Aggregator.status()``,
-the outbox's and the report stream's from the database (those of every replica).
+the outbox's and the report stream's from the database (those of every replica): its completeness, and
+the figures of the last complete report, for a dashboard (``aggregator/grafana/dashboard.json``).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import decimal
+import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
-from aggregator import reports
+from aggregator import meters, reports
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -30,21 +33,37 @@ class Counters:
     rejected: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class GroupFigure:
+    """One meter group's quantity in the last complete report: a series of ``last_complete_report_meter_quantity``."""
+
+    meter: str
+    group: str  # rank by quantity within the meter ("1": the largest), or meters.OVERFLOW
+    dimensions: tuple[tuple[str, str], ...]  # as the pull API shows them; a withheld (null) one is left out
+    quantity: float
+
+
 @dataclasses.dataclass
 class ReportTally:
-    """Completeness of the report stream in the database, whichever replica wrote each report.
+    """Completeness of the report stream in the database, whichever replica wrote each report, and the
+    figures of the last complete report.
 
     Reports never change and their ids follow commit order, so the stream is read once, onwards from
-    the last report counted; a report seen twice (two scrapes at once) counts once.
+    the last report counted; a report seen twice (two scrapes at once) counts once. The meter groups of
+    the last complete report are read once per such report, not on every scrape.
     """
 
     PAGE: ClassVar[int] = 1000  # reports per read
     PAGES_PER_SCRAPE: ClassVar[int] = 20  # a long stream is caught up over several scrapes, each one quick
+    GROUPS_PER_METER: ClassVar[int] = 10  # groups shown one by one; the rest are summed into __overflow__
 
     after: int = 0  # id of the newest report counted
     incomplete: int = 0
     last_replicas_missing: int | None = None  # of the newest report; None before the first report
     caught_up: bool = False  # the figures hold every report; until then they are not shown
+    last_complete: reports.Report | None = None  # the complete report of the latest window
+    groups: list[GroupFigure] = dataclasses.field(default_factory=list)  # of the report ``groups_of``
+    groups_of: int | None = None
 
     def add(self, page: Iterable[reports.Report]) -> None:
         for report in page:
@@ -53,15 +72,59 @@ class ReportTally:
                 self.last_replicas_missing = report.replicas_missing
                 if not report.complete:
                     self.incomplete += 1
+                elif self.last_complete is None or report.window_start > self.last_complete.window_start:
+                    self.last_complete = report
 
-    async def catch_up(self, read: Callable[[int, int], Awaitable[Sequence[reports.Report]]]) -> None:
-        """Count the reports after ``after``; ``read(after, limit)`` gives them in id order."""
+    async def catch_up(self, read: Callable[[int, int], Awaitable[Sequence[reports.Report]]],
+                       results: Callable[[list[int]], Awaitable[Sequence[meters.Result]]] | None = None,
+                       shown: Callable[[dict[str, str]], Mapping[str, str | None]] | None = None) -> None:
+        """Count the reports after ``after``; ``read(after, limit)`` gives them in id order.
+
+        ``results(report_ids)`` gives the meter results of reports, ``shown(dimensions)`` a group's
+        dimensions as they may be shown (None where withheld; the daemon shows allowlisted ones only);
+        without it every value is withheld, so no caller puts identifiers in the exposition by omission.
+        """
         for _ in range(self.PAGES_PER_SCRAPE):
             page = await read(self.after, self.PAGE)
             self.add(page)
             if len(page) < self.PAGE:
                 self.caught_up = True
-                return
+                break
+        last = self.last_complete
+        if results is None or not self.caught_up or last is None or self.groups_of == last.id:
+            return
+        groups = meter_groups(await results([last.id]), shown or _withheld, self.GROUPS_PER_METER)
+        if self.last_complete is last:  # a concurrent scrape may have moved on to a newer report meanwhile
+            self.groups, self.groups_of = groups, last.id
+
+
+def _withheld(dimensions: dict[str, str]) -> dict[str, str | None]:
+    return dict.fromkeys(dimensions)
+
+
+def meter_groups(results: Iterable[meters.Result], shown: Callable[[dict[str, str]], Mapping[str, str | None]],
+                 per_meter: int) -> list[GroupFigure]:
+    """Each meter's groups of the window's own traffic (late data is left out, as in the report's own
+    figures): the ``per_meter`` largest one by one, ranked; the rest summed with the meter's __overflow__
+    group, so that a meter adds at most ``per_meter + 1`` series whatever its max_groups.
+    """
+    by_meter: dict[str, list[tuple[meters.Result, tuple[tuple[str, str], ...]]]] = {}
+    for result in results:
+        if not result.late:
+            dimensions = () if result.overflow else tuple(
+                (name, value) for name, value in shown(result.dimensions).items() if value is not None)
+            by_meter.setdefault(result.meter, []).append((result, dimensions))
+    out: list[GroupFigure] = []
+    for meter, found in sorted(by_meter.items()):
+        # Ties in the order of the shown values: the raw ones would tell which of two hashed ids sorts first.
+        ranked = sorted((f for f in found if not f[0].overflow), key=lambda f: (-f[0].quantity, f[1]))
+        out.extend(GroupFigure(meter, str(rank), dimensions, float(result.quantity))
+                   for rank, (result, dimensions) in enumerate(ranked[:per_meter], start=1))
+        rest = [result for result, _ in ranked[per_meter:]] + [result for result, _ in found if result.overflow]
+        if rest:
+            out.append(GroupFigure(meter, meters.OVERFLOW, (),
+                                   float(sum((r.quantity for r in rest), decimal.Decimal(0)))))
+    return out
 
 
 def render(status: dict[str, Any], counters: Counters, outbox: list[dict[str, Any]] | None = None,
@@ -72,7 +135,7 @@ def render(status: dict[str, Any], counters: Counters, outbox: list[dict[str, An
     def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
         lines.append(f"# HELP aggregator_{name} {help_}")
         lines.append(f"# TYPE aggregator_{name} {kind}")
-        lines.extend(f"aggregator_{name}{labels} {value:g}" for labels, value in samples)
+        lines.extend(f"aggregator_{name}{labels} {_number(value)}" for labels, value in samples)
 
     metric("events_accepted_total", "counter", "Events accepted by POST /v1/track.",
            [("", counters.events_accepted)])
@@ -151,6 +214,8 @@ def render(status: dict[str, Any], counters: Counters, outbox: list[dict[str, An
             metric("last_report_replicas_missing", "gauge",
                    "Replica incarnations given up on in the newest report (0: complete).",
                    [("", tally.last_replicas_missing)])
+        if tally.last_complete is not None:
+            _last_complete(metric, tally)
     found = status.get("health")
     if found is not None:  # one-hot, so an alert reads `aggregator_health{state="degraded"} == 1`
         metric("health", "gauge", "1 for this replica's health state (ok, degraded or failing; see /healthz), else 0.",
@@ -164,3 +229,50 @@ def render(status: dict[str, Any], counters: Counters, outbox: list[dict[str, An
     errors = (flush.failures if flush else 0) + (collector.failures if collector else 0)
     metric("errors_total", "counter", "Errors of flushes and collections in this replica.", [("", errors)])
     return "\n".join(lines) + "\n"
+
+
+def _last_complete(metric: Callable[[str, str, str, list[tuple[str, float]]], None], tally: ReportTally) -> None:
+    """The last complete report's figures: the same in every replica (read from the database), so a
+    dashboard takes their max over replicas."""
+    last = tally.last_complete
+    assert last is not None
+    for name, help_, value in (
+            ("unique_users", "Unique users in the window of the last complete report.", last.unique_users),
+            ("unique_workspaces", "Unique workspaces in the window of the last complete report.",
+             last.unique_workspaces),
+            ("allowed_requests", "Allowed requests in the window of the last complete report.",
+             last.allowed_requests),
+            ("denied_requests", "Denied requests in the window of the last complete report.", last.denied_requests),
+            ("window_start_seconds", "Start of the last complete report's window (epoch seconds).",
+             last.window_start.timestamp()),
+            ("window_end_seconds", "End of the last complete report's window (epoch seconds).",
+             last.window_end.timestamp())):
+        metric(f"last_complete_report_{name}", "gauge", help_, [("", value)])
+    if tally.groups_of == last.id:
+        metric("last_complete_report_meter_quantity", "gauge",
+               "A meter's quantity per group in the window of the last complete report (late data left out): "
+               f"group is the rank by quantity (1: the largest, at most {tally.GROUPS_PER_METER} per meter), "
+               f"or {meters.OVERFLOW} for the meter's overflow group plus the smaller groups, summed; "
+               "dimension_NAME labels show each dimension as GET /v1/meters does, left out where it shows null.",
+               [(_labels({"meter": g.meter, "group": g.group} | {f"dimension_{name}": value
+                                                                  for name, value in g.dimensions}), g.quantity)
+                for g in tally.groups])
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    """A label set, its values escaped as the text format wants (backslash, double quote, line feed)."""
+    def escape(value: str) -> str:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    return "{" + ",".join(f'{name}="{escape(value)}"' for name, value in labels.items()) + "}"
+
+
+def _number(value: float) -> str:
+    """A sample value: whole numbers in full (``:g`` would print an epoch time as 1.8e+09), others exactly."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value == int(value) and abs(value) < 2**53:
+        return str(int(value))
+    return repr(float(value))

@@ -127,8 +127,10 @@ class NextReport:
     expected_by: dt.datetime
     at_latest: dt.datetime
 
-    def sentence(self) -> str:
-        return (f"no report yet: the window {iso_utc(self.window_start)} - {iso_utc(self.window_end)} closes at "
+    def sentence(self, *, first: bool = True) -> str:
+        """For people; ``first``: nothing has been reported at all (else: nothing after what the reader has)."""
+        lead = "no report yet" if first else "no new report yet"
+        return (f"{lead}: the window {iso_utc(self.window_start)} - {iso_utc(self.window_end)} closes at "
                 f"{iso_utc(self.window_end)}; its report is expected by {iso_utc(self.expected_by)} "
                 f"(at the latest {iso_utc(self.at_latest)})")
 

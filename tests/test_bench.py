@@ -15,7 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ISSUE_ROWS = ["caller_cost", "total_cpu", "threads_8", "pg_flush", "pg_collect", "memory", "daemon_ingest"]
-ROWS = [*ISSUE_ROWS, "pg_checkpoints", "report_latency", "spool", "worst_request", "pg_flush_by_window"]  # and rows of later issues
+# and rows of later issues:
+ROWS = [*ISSUE_ROWS, "pg_checkpoints", "report_latency", "spool", "worst_request", "pg_flush_by_window"]
 
 
 @pytest.mark.slow

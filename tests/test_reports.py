@@ -24,6 +24,7 @@ def test_next_report_on_the_default_settings() -> None:
     assert due.sentence() == (
         "no report yet: the window 2026-12-05T00:00:00Z - 2026-12-05T00:30:00Z closes at 2026-12-05T00:30:00Z; "
         "its report is expected by 2026-12-05T00:31:22.500000Z (at the latest 2026-12-05T01:00:22.500000Z)")
+    assert due.sentence(first=False).startswith("no new report yet: the window 2026-12-05T00:00:00Z - ")
 
 
 @given(now=st.floats(0, 4e9), window=st.integers(1, 86400), flush=st.floats(0.01, 3600), grace=st.floats(0, 3600),
