@@ -18,6 +18,10 @@ import structlog
 _CHATTY = ("apscheduler", "alembic", "aiosqlite", "asyncio", "httpx", "httpcore")
 
 logging.getLogger("aggregator").addHandler(logging.NullHandler())
+# Our scheduler's own warnings ("skipped: maximum number of running instances reached" while a flush outlasts
+# its interval, on a loaded host) would reach stderr through the last-resort handler of a host that set up
+# no logging; a host that does configure logging still receives them.
+logging.getLogger("apscheduler").addHandler(logging.NullHandler())
 _rendering = False  # set by configure(): events go to structlog's configuration
 
 

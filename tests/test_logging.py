@@ -31,6 +31,16 @@ def test_embedded_use_prints_nothing(tmp_path: Path) -> None:
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
 
 
+def test_embedded_use_prints_nothing_when_the_scheduler_warns(tmp_path: Path) -> None:
+    """apscheduler warns when a flush outlasts its interval (a job skipped, on a loaded host); a host that
+    configured no logging still sees nothing on stdout or stderr."""
+    warn = ("import logging; logging.getLogger('apscheduler.scheduler').warning("
+            "'Execution of job \"Aggregator._scheduled_flush\" skipped: maximum number of running instances "
+            "reached (1)')")
+    done = _run(tmp_path, f"from aggregator import runtime\n{warn}")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+
+
 def test_a_host_that_configures_logging_gets_aggregator_records(tmp_path: Path) -> None:
     """The host's own logging configuration receives the events under the aggregator.* logger names."""
     done = _run(tmp_path, "import logging; logging.basicConfig(level=logging.INFO, format='%(name)s %(message)s')")
