@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+import pytest
 
 from aggregator import Aggregator, Report
 
@@ -98,3 +102,20 @@ def reported(url: str) -> int:
     with far_future_reader(url) as reader:
         collect_all(reader)
         return total_requests(reader.reports())
+
+
+def debian_executables(packages: Mapping[str, str], extra_path: str | None = None) -> dict[str, str]:
+    """The executables named in ``packages`` (executable: the Debian package shipping it), found on PATH (then
+    ``extra_path``); when one is missing, a skip naming the packages to install, or a failure under CI=true."""
+    found = {name: shutil.which(name) or (shutil.which(name, path=extra_path) if extra_path else None)
+             for name in packages}
+    absent = [name for name, path in found.items() if path is None]
+    if not absent:
+        return {name: str(path) for name, path in found.items()}
+    needed = sorted({packages[name] for name in absent})
+    named = ", ".join(f"`{package}`" for package in needed)
+    message = (f"{', '.join(absent)} not found: install the Debian package{'s' if len(needed) > 1 else ''} "
+               f"{named} (apt-get install -y {' '.join(needed)})")
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)

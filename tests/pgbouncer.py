@@ -17,21 +17,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
+
+from tests import helpers
 
 PACKAGE = "pgbouncer"  # the Debian package that ships the binary
 
 
 def binary() -> str:
     """The pgbouncer executable; a skip naming the Debian package, or a failure under CI, when missing."""
-    found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/local/sbin")
-    if found is not None:
-        return found
-    message = f"pgbouncer not found: install the Debian package `{PACKAGE}` (apt-get install -y {PACKAGE})"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    return helpers.debian_executables({"pgbouncer": PACKAGE}, extra_path="/usr/sbin:/usr/local/sbin")["pgbouncer"]
 
 
 def free_port() -> int:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,6 +24,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
+from tests import helpers
 from tests.test_daemon import AUTH, TOKEN, Daemon
 from tests.test_dashboard import REPORT_SERIES, SLI_SERIES
 
@@ -48,15 +47,7 @@ return Array.from(document.querySelectorAll("[data-chart=requests] g.window")).m
 
 def executables() -> dict[str, str]:
     """chromium and chromedriver; a skip naming the Debian packages when one is missing, a failure under CI."""
-    found = {name: shutil.which(name) for name in PACKAGES}
-    missing = sorted(PACKAGES[name] for name, path in found.items() if path is None)
-    if not missing:
-        return {name: str(path) for name, path in found.items()}
-    message = (f"{', '.join(name for name, path in found.items() if path is None)} not found: install the Debian "
-               f"package(s) {', '.join(missing)} (apt-get install -y {' '.join(missing)})")
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    return helpers.debian_executables(PACKAGES)
 
 
 @pytest.fixture
