@@ -141,14 +141,17 @@ class ExperienceQueries:
         """
         e = schema.experiences
         async with self.transaction() as conn:
-            current = experiences.window_of(now, window)
-            closed = await self._share_windows(conn, [current], window)
-            target = await self._open_window_from(conn, current, window, closed)
             query = sa.select(e).where(*ExperienceQueries._due(now, only))
             rows = [dict(r._mapping) for r in await conn.execute(
                 query.order_by(e.c.deadline).limit(limit).with_for_update(skip_locked=True))]
             if not rows:
                 return []
+            # Only now the window row: a sweep with nothing to time out must not create the open window's
+            # row, or a collector could close that window before a replica whose first flush is still on
+            # its way had registered, and report it without that replica's data.
+            current = experiences.window_of(now, window)
+            closed = await self._share_windows(conn, [current], window)
+            target = await self._open_window_from(conn, current, window, closed)
             ids = [r["correlation_id"] for r in rows]
             await conn.execute(sa.update(e).where(e.c.correlation_id.in_(ids))
                                .values(status="timed_out", outcome_window=target, deadline=None))
