@@ -18,7 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 from pydantic_core import PydanticCustomError
 
-from aggregator import billing, config, meters, privacy, reports, values
+from aggregator import billing, config, meters, privacy, values
 from aggregator.reports import Report
 
 MAX_DIMENSIONS = 16  # a meter declares at most 16 (meters.Meter.from_config)
@@ -236,9 +236,7 @@ class NextReportOut(BaseModel):
     def due(cls, settings: config.Settings, now: float, *, first: bool = True) -> NextReportOut:
         """The report due next for the Aggregator's settings, at its clock's ``now``; ``first``: from the stream's
         start (else after a cursor)."""
-        found = reports.next_report(now, window=settings.window, flush_interval=settings.flush_interval,
-                                    grace=settings.grace, collect_interval=settings.collect_interval,
-                                    max_collect_delay=settings.max_collect_delay)
+        found = settings.next_report(now)
         return cls(**dataclasses.asdict(found), message=found.sentence(first=first))
 
 

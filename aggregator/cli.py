@@ -303,8 +303,10 @@ def _pseudonyms(args: argparse.Namespace, require: str | None = None) -> Any:
 
 def _pseudonymized(report: reports.Report, pseudonymizer: Any) -> reports.Report:
     """``report`` with its identifiers (``generated_by``) hashed as the export hashes them."""
+    from aggregator import export
+
     fields = report.to_dict()
-    hashed = pseudonymizer.apply("usage_report", fields)
+    hashed = pseudonymizer.apply(export.KIND, fields)
     return dataclasses.replace(report, **{k: v for k, v in hashed.items() if v != fields[k]})
 
 
@@ -317,9 +319,7 @@ def _next_report(config_path: str | None, *, first: bool) -> str:
         if config_path is not None:
             raise
         settings = config.Settings.build(database_url="sqlite:///unused.db", delivery=config.DeliverySettings())
-    return reports.next_report(time.time(), window=settings.window, flush_interval=settings.flush_interval,
-                               grace=settings.grace, collect_interval=settings.collect_interval,
-                               max_collect_delay=settings.max_collect_delay).sentence(first=first)
+    return settings.next_report(time.time()).sentence(first=first)
 
 
 def _show(chart: Any, empty: str = "") -> int:

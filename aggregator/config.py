@@ -21,7 +21,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from aggregator import exceptions, experiences, values
+from aggregator import exceptions, experiences, reports, values
 from aggregator import meters as meters_module
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -394,6 +394,11 @@ class Settings:
     @property
     def window_seconds(self) -> int:
         return int(self.window)
+
+    def next_report(self, now: float) -> reports.NextReport:
+        """The report due next under these timings, seen at ``now`` (for readers who find nothing yet)."""
+        return reports.next_report(now, window=self.window, flush_interval=self.flush_interval, grace=self.grace,
+                                   collect_interval=self.collect_interval, max_collect_delay=self.max_collect_delay)
 
     @property
     def time_range(self) -> values.TimeRange:
