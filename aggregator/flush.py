@@ -97,6 +97,12 @@ class Flusher:
     def spool_path(self) -> str | None:
         return str(self._spool.path) if self._spool is not None else None
 
+    async def register(self, *, since: float) -> None:
+        """Make this incarnation known to the collectors before its first flush, holding what it tracked
+        from ``since`` on: until then a window it holds data of could be closed without it."""
+        await self.store.register(self.writer_id, self.replica_id, watermark=since - WATERMARK_SLACK,
+                                  now=self._clock())
+
     async def flush(self, *, final: bool = False, retries: bool = False) -> None:
         """Make everything tracked so far durable, or raise a StoreError leaving it queued.
 

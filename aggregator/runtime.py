@@ -123,6 +123,7 @@ class Aggregator(beyond.MetersAndExperiences):
         self._auto_replica_id = replica_id is None
         self._handle_sigterm = handle_sigterm
         self._clock = clock
+        self._born = clock()  # nothing tracked by this incarnation is older (but for an explicit ``at``)
         self._on_collector_locked = on_collector_locked
         self._on_collector_ordered = on_collector_ordered
         self._contact = health.Contact()
@@ -481,6 +482,8 @@ class Aggregator(beyond.MetersAndExperiences):
                     self._deliverer = deliverer
                     if self._collector is not None:
                         self._collector._on_written = deliverer.wake
+                # Last: a start refused above leaves no incarnation for the collectors to wait on.
+                await self._flusher.register(since=self._born)
                 break
             except exceptions.StoreUnavailable as exc:
                 self._fatal = None
@@ -748,6 +751,7 @@ class Aggregator(beyond.MetersAndExperiences):
         _running.discard(self)  # without the lock: a thread of the parent may have held it at fork
         was_running_thread = self._state == "running" and self._mode == "thread"
         self._tracker.reset_after_fork()
+        self._born = self._clock()
         self._recorder.reset_after_fork()
         self._checkpoints.reset_after_fork()
         self._lifecycle = threading.Lock()

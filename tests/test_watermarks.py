@@ -79,6 +79,40 @@ def test_a_live_replica_behind_the_window_holds_it_until_its_next_flush(database
     assert [late(r) for r in released] == [(0, 0, 0, 0)]
 
 
+def test_a_started_replica_holds_windows_before_its_first_flush(database_url: str) -> None:
+    """A replica that has started but not flushed yet (its first flush is slow, or not due) already holds the
+    windows it may have data of: before, the collector saw nobody and reported the window empty, the data
+    arriving late with nobody missing."""
+    clock = FakeClock()
+    with manual(database_url, clock, replica_id="collector") as collector, \
+            manual(database_url, clock, replica_id="starting", collect=False) as starting:
+        collector.track(WS[0], USERS[0], allowed=1)
+        starting.track(WS[1], USERS[1], allowed=3)  # its first flush is still to come
+        clock.past_window(T0)
+        held = [collector.collect() for _ in range(2)]
+        starting.flush()  # its first flush: data and a watermark past the end
+        released = collector.collect()
+    assert held == [[], []]
+    assert [figures(r) for r in released] == [(2, 2, 4, 0, 2, 0)]
+    assert [late(r) for r in released] == [(0, 0, 0, 0)]
+
+
+def test_a_started_replica_that_never_flushes_is_given_up_on_and_counted_missing(database_url: str) -> None:
+    """Entered at start, silent since: given up on after the lease, and the report says it is missing."""
+    clock = FakeClock()
+    with manual(database_url, clock, replica_id="collector", replica_lease="1s", max_collect_delay="1h") as collector:
+        silent = manual(database_url, clock, replica_id="silent", collect=False).start()
+        try:
+            collector.track(WS[0], USERS[0], allowed=1)
+            clock.past_window(T0)
+            assert collector.collect() == []
+            time.sleep(1.2)  # the lease runs on the database's clock
+            reported = collector.collect()
+        finally:
+            silent.stop()  # only now: its clean stop would have released the window
+    assert [figures(r)[-1] for r in reported] == [1]
+
+
 def test_a_cleanly_stopped_replica_holds_nothing_back(database_url: str) -> None:
     """A replica that stopped cleanly before the window ended (its last watermark is before the end) does not
     hold the window: it is reported as soon as it is due, with the stopped replica's data and nobody missing."""

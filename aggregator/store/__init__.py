@@ -485,6 +485,20 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries, QuarantineQueries):
             values["stopped_at"] = self._db_now()
         await conn.execute(sa.update(table).where(table.c.writer_id == writer_id).values(**values))
 
+    async def register(self, writer_id: uuid.UUID, replica_id: str, *, watermark: float, now: float) -> None:
+        """Enter an incarnation with a first watermark and heartbeat, ahead of its first flush.
+
+        From this commit on the collectors wait for it (or give it up after a lease, counting it missing);
+        an incarnation already entered is left as it is.
+        """
+        async with self.transaction() as conn:
+            await conn.execute(
+                self._insert(schema.flush_sequences)
+                .values(writer_id=writer_id, replica_id=replica_id, last_seq=0, updated_at=now,
+                        watermark=watermark, heartbeat_at=self._db_now())
+                .on_conflict_do_nothing()
+            )
+
     async def _lock_sequence(self, conn: AsyncConnection, writer_id: uuid.UUID, replica_id: str,
                              now: float) -> int:
         table = schema.flush_sequences
