@@ -22,7 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from aggregator import api_models as models
-from aggregator import config, dashboard, exceptions, http_guard, logs, metrics, reports, values
+from aggregator import config, dashboard, distinct, exceptions, http_guard, logs, metrics, reports, values
 from aggregator.api_models import Event, MeterRecord
 from aggregator.runtime import Aggregator
 
@@ -210,6 +210,22 @@ def build_app(agg: Aggregator, settings: config.DaemonSettings, counters: metric
         return models.SliPage(slis=[models.SliOut(**{**row, "window_start": dt.datetime.fromtimestamp(
             row["window_start"], dt.timezone.utc)}) for row in rows], next_cursor=str(page[-1] if page else int(after)))
 
+    @app.get("/v1/distinct", response_model=models.DistinctOut, responses=pull_problems,
+             dependencies=[Depends(authorized)])
+    async def distinct_range(start: Annotated[str, Query(max_length=64, alias="from",
+                                                          description="ISO 8601 with offset, or epoch seconds")],
+                             end: Annotated[str, Query(max_length=64, alias="to", description="likewise; exclusive")],
+                             dim: Annotated[str, Query(max_length=64, description="workspaces or users")] = "users",
+                             ) -> models.DistinctOut:
+        """Distinct workspaces or users over the reported windows starting in [from, to): exact while the ids
+        are kept, else estimated from sketches; the answer says which, and the windows it covers."""
+        try:
+            lo, hi, name = distinct.check_range(_moment_text(start), _moment_text(end), dim, names=("from", "to"))
+        except exceptions.InvalidInput as exc:
+            raise invalid([{"loc": f"query.{str(exc).partition('=')[0]}", "message": str(exc)}]) from None
+        found = await agg.adistinct(lo, hi, name)
+        return models.DistinctOut(**dataclasses.asdict(found))
+
     def health_body(states: list[str], required: list[str]) -> dict[str, Any]:
         text = {"type": "string"}
         return {"application/json": {"schema": {
@@ -299,6 +315,14 @@ def _complete_openapi(schema: dict[str, Any], guarded: dict[int | str, dict[str,
                 responses.setdefault(str(code), {
                     "description": response["description"],
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}})
+
+
+def _moment_text(text: str) -> str | float:
+    """A query's time: epoch seconds as a number, anything else as ISO 8601 text (values.moment checks both)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _problem_response(description: str) -> dict[str, Any]:

@@ -293,6 +293,26 @@ class SliPage(BaseModel):
     next_cursor: str = Field(description="pass as `after` to get the SLIs of the reports that follow")
 
 
+class DistinctOut(BaseModel):
+    """Distinct workspaces or users of the reported windows starting in [start, end) (aggregator.distinct)."""
+
+    dim: Literal["workspaces", "users"]
+    start: dt.datetime
+    end: dt.datetime
+    path: Literal["ids", "daily", "sketch"] = Field(
+        description="ids: exact, from the windows' ids (kept for id_retention); daily: exact, from the per-day "
+                    "rollup (kept for distinct_retention), with windows' ids for partial days at the edges; "
+                    "sketch: estimated by merging the HLL sketches written with every report")
+    value: int
+    exact: bool
+    lower: int = Field(description="~95% lower bound (2 standard deviations); the value when exact")
+    upper: int = Field(description="~95% upper bound; the value when exact")
+    relative_standard_error: float = Field(description="of the sketch estimate (0 when exact)")
+    windows: int = Field(description="reported windows covered; windows not reported yet are left out")
+    first_window: dt.datetime | None = Field(description="start of the first covered window; null if none")
+    last_window: dt.datetime | None = Field(description="start of the last covered window; null if none")
+
+
 class _Withholding(privacy.Pseudonymizer):
     """Without a key: what would be hashed is shown as null instead, never in clear (the allowlist still applies)."""
 
@@ -323,6 +343,7 @@ def body_schemas() -> dict[str, Any]:
     return dict(found["$defs"])
 
 
-__all__ = ["BATCHES", "Accepted", "CheckpointBatch", "CheckpointIn", "CheckpointsAccepted", "Event", "MeterPage",
+__all__ = ["BATCHES", "Accepted", "CheckpointBatch", "CheckpointIn", "CheckpointsAccepted", "DistinctOut", "Event",
+           "MeterPage",
            "MeterRecord", "MeterResultOut", "NextReportOut", "RecordBatch", "ReportOut", "ReportPage", "SliOut",
            "SliPage", "TrackBatch", "body_schemas", "pseudonymizer", "shown_dimensions"]

@@ -11,6 +11,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aggregator import config, experiences, store, tracker
+from aggregator import distinct as distinct_module
 from aggregator import meters as meters_module
 
 T = TypeVar("T")
@@ -103,6 +104,23 @@ class MetersAndExperiences:
     def experience_slis(self, since: Any = None) -> list[dict[str, Any]]:
         """SLIs per window, experience and urgency of reported windows (window_start >= ``since``), oldest first."""
         return self._read(lambda db: db.experience_slis(since=tracker.since_epoch(since)))
+
+    def distinct(self, start: Any, end: Any, dim: str = "users") -> distinct_module.Distinct:
+        """Distinct workspaces or users (``dim``) of the reported windows starting in [start, end).
+
+        Exact while the ids are kept (``path`` "ids" or "daily"), else estimated from sketches ("sketch",
+        with bounds); windows not reported yet are left out, and the answer names those it covers.
+        """
+        lo, hi, name = distinct_module.check_range(start, end, dim)
+        return self._read(lambda db: db.distinct(lo, hi, name))
+
+    async def adistinct(self, start: Any, end: Any, dim: str = "users") -> distinct_module.Distinct:
+        """distinct() for a running Aggregator, from any event loop (the HTTP API)."""
+        lo, hi, name = distinct_module.check_range(start, end, dim)
+        self._require_running()
+        db = self._store
+        assert db is not None
+        return await self._on_own_loop(lambda: db.distinct(lo, hi, name))
 
     def _read(self, action: Callable[[store.Store], Coroutine[Any, Any, T]]) -> T:
         """Run a read on this aggregator's store, or on a short-lived one when it is not running."""

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from aggregator import charts, config, demo, exceptions, flush, logs, migrate, quarantine, reports, runtime
+from aggregator import charts, config, demo, distinct, exceptions, flush, logs, migrate, quarantine, reports, runtime
 
 
 def _env_option(parser: argparse.ArgumentParser, flag: str, env: str, help: str, **kwargs: Any) -> None:
@@ -111,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     journeys.add_argument("--format", default="table", choices=["table", "json"])
     _chart_option(journeys, "succeeded, failed and timed out per window, with p50, p90 and p99 durations")
     journeys.set_defaults(run=_experiences)
+
+    uniques = commands.add_parser("distinct", help="distinct workspaces or users over a range of reported windows")
+    _database_options(uniques)
+    uniques.add_argument("--from", dest="start", required=True,
+                         help="range start: ISO 8601 with offset (2026-01-01T00:00:00Z) or epoch seconds")
+    uniques.add_argument("--to", dest="end", required=True, help="range end (exclusive), likewise")
+    uniques.add_argument("--dim", default="users", choices=["workspaces", "users"], help="[default: users]")
+    uniques.add_argument("--format", default="table", choices=["table", "json"])
+    uniques.set_defaults(run=_distinct)
 
     box = commands.add_parser("outbox", help="report delivery: status, items, dead-letter retry").add_subparsers(
         dest="outbox_command", required=True, metavar="OUTBOX_COMMAND")
@@ -445,6 +454,20 @@ def _meters(args: argparse.Namespace) -> int:
     if args.chart:
         return _show(charts.meters_chart(shown) if shown else None, "no meter results yet")
     sys.stdout.write(charts.listing(shown, args.format, empty="no meter results yet"))
+    return 0
+
+
+def _distinct(args: argparse.Namespace) -> int:
+    """Exact (path ids or daily) while the ids are kept, else estimated from sketches (path sketch, with bounds)."""
+    def moment(text: str) -> str | float:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    start, end, dim = distinct.check_range(moment(args.start), moment(args.end), args.dim, names=("--from", "--to"))
+    found = asyncio.run(_with_store(args, lambda db: db.distinct(start, end, dim))).as_dict()
+    sys.stdout.write(charts.listing([found], args.format, empty=""))
     return 0
 
 

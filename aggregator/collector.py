@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar
 
-from aggregator import billing, busy, health, logs, meters, quarantine, reports, store
+from aggregator import billing, busy, distinct, health, logs, meters, quarantine, reports, store
 
 log = logs.get_logger("aggregator.collector")
 
@@ -60,7 +60,8 @@ class Collector:
                  on_ordered: Callable[[], Awaitable[None]] | None = None, writers: Sequence[str] = (),
                  on_written: Callable[[], None] | None = None, outbox_retention: float = 7 * 86400.0,
                  meter_defs: Sequence[meters.Meter] = (), billing: Billing | None = None,
-                 dedup_horizon: float = 2 * 86400.0, window: int | None = None) -> None:
+                 dedup_horizon: float = 2 * 86400.0, window: int | None = None,
+                 distinct_retention: float = 400 * 86400.0) -> None:
         self.store = store_
         self.collector_id = collector_id
         self.grace = grace
@@ -79,6 +80,7 @@ class Collector:
         self.meter_defs = {m.name: m for m in meter_defs}
         self.billing = billing
         self.dedup_horizon = dedup_horizon
+        self.distinct_retention = distinct_retention  # the per-day id rollup of range distinct
         self.window = window  # set: this collector also times out stale experiences
         self.busy = busy.Busy()  # held while a run is in progress; stop() waits on it, then calls it off
         self._last_prune = 0.0
@@ -229,7 +231,10 @@ class Collector:
         if now - self._last_prune < min(self.id_retention / 4, 3600):
             return
         self._last_prune = now
-        deleted = await self.store.prune(before=now - self.id_retention,
+        # First: it records the horizons that range distinct trusts before anything goes.
+        deleted = await self.store.prune_distinct(ids_before=now - self.id_retention,
+                                                  days_before=distinct.day_of(int(now - self.distinct_retention)))
+        deleted += await self.store.prune(before=now - self.id_retention,
                                          event_ids_before=now - max(self.dedup_horizon, self.id_retention))
         delivered = await self.store.prune_outbox(before=now - self.outbox_retention)
         if deleted or delivered:

@@ -287,6 +287,8 @@ class Settings:
     collect_interval: float
     stop_timeout: float = 30.0
     id_retention: float = 86400.0 * 2
+    # Range distinct (distinct.py): the per-day id rollup is kept this long (exact daily and monthly uniques).
+    distinct_retention: float = 86400.0 * 400
     delivery: DeliverySettings = DeliverySettings()
     meters: tuple[meters_module.Meter, ...] = ()
     billing_realm: str = "SaaS"
@@ -324,6 +326,7 @@ class Settings:
         collect_interval: str | float | None = None,
         stop_timeout: str | float = "30s",
         id_retention: str | float = "2d",
+        distinct_retention: str | float = "400d",
         delivery: DeliverySettings | None = None,
         meters: Mapping[str, Mapping[str, Any]] | Iterable[meters_module.Meter] | None = None,
         billing_realm: str = "SaaS",
@@ -373,6 +376,7 @@ class Settings:
             collect_interval=collect_s,
             stop_timeout=parse_duration(stop_timeout, key="stop_timeout"),
             id_retention=parse_duration(id_retention, key="id_retention"),
+            distinct_retention=parse_duration(distinct_retention, key="distinct_retention"),
             delivery=delivery or DeliverySettings.build(),
             meters=meters_module.declare(meters or ()),
             billing_realm=_bounded_text(billing_realm, "billing_realm", 128),
@@ -618,6 +622,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("outbox_poll_interval", "5s", _duration, "how often delivery looks for due items without a wake-up"),
     Option("outbox_drain_timeout", "10s", _duration, "bound on delivering due items at shutdown"),
     Option("outbox_retention", "7d", _duration, "how long delivered items are kept (dead ones stay)"),
+    Option("distinct_retention", "400d", _duration,
+           "how long the per-day id rollup is kept: range distinct is exact over whole days this recent"),
     Option("meters", None, _named_tables,
            "declared meters: TOML tables [meters.NAME] (aggregation, unit, dimensions, ...); in the environment, JSON"),
     Option("billing_realm", "SaaS", lambda v, k: _text(v, k), "realm of billable usage events (e.g. SaaS, SM)"),
@@ -652,7 +658,8 @@ class DaemonSettings:
         out = dict(self.values)
         effective = self.aggregator
         for key in ("window", "flush_interval", "grace", "collect_interval", "max_event_age", "max_event_future",
-                    "shutdown_timeout", "replica_lease", "max_collect_delay", "health_overdue_after"):
+                    "shutdown_timeout", "replica_lease", "max_collect_delay", "health_overdue_after",
+                    "distinct_retention"):
             value = getattr(effective, key, None)
             out[key] = f"{self.values[key] if value is None else value:g}s"
         out["replica_id"] = effective.replica_id
@@ -710,6 +717,7 @@ def load_daemon_settings(flags: dict[str, Any], environ: Mapping[str, str] | Non
         database_url=values["database_url"], replica_id=values["replica_id"], window=values["window"],
         flush_interval=values["flush_interval"], grace=values["grace"], collect=True,
         collect_interval=values["collect_interval"], stop_timeout=values["shutdown_timeout"],
+        distinct_retention=values["distinct_retention"],
         delivery=DeliverySettings.build(
             writers=dict(values["writers"] or ()), pseudonym_key=values["pseudonym_key"],
             pseudonym_allowlist=values["pseudonym_allowlist"], max_attempts=values["outbox_max_attempts"],

@@ -75,6 +75,7 @@ class Aggregator(beyond.MetersAndExperiences):
         collect_interval: str | float | None = None,
         stop_timeout: str | float = "30s",
         id_retention: str | float = "2d",
+        distinct_retention: str | float = "400d",
         handle_sigterm: bool = True,
         clock: Callable[[], float] = time.time,
         on_collector_locked: Callable[[], Awaitable[None]] | None = None,
@@ -110,7 +111,8 @@ class Aggregator(beyond.MetersAndExperiences):
         self.settings = config.Settings.build(
             database_url=database_url, replica_id=replica_id, window=window, flush_interval=flush_interval,
             grace=grace, collect=collect, collect_interval=collect_interval, stop_timeout=stop_timeout,
-            id_retention=id_retention, delivery=delivery, meters=meters, billing_realm=billing_realm,
+            id_retention=id_retention, distinct_retention=distinct_retention,
+            delivery=delivery, meters=meters, billing_realm=billing_realm,
             billing_instance_id=billing_instance_id, meter_dedup_horizon=meter_dedup_horizon, urgencies=urgencies,
             replica_lease=replica_lease, max_collect_delay=max_collect_delay, memory_budget=memory_budget,
             health_overdue_after=health_overdue_after, health_failures_in_row=health_failures_in_row,
@@ -159,7 +161,8 @@ class Aggregator(beyond.MetersAndExperiences):
         return cls(database_url=s.database_url, replica_id=s.replica_id, window=s.window,
                    flush_interval=s.flush_interval, grace=s.grace, collect=s.collect,
                    collect_interval=s.collect_interval, stop_timeout=s.stop_timeout, id_retention=s.id_retention,
-                   delivery=s.delivery, meters=s.meters, billing_realm=s.billing_realm,
+                   distinct_retention=s.distinct_retention, delivery=s.delivery, meters=s.meters,
+                   billing_realm=s.billing_realm,
                    billing_instance_id=s.billing_instance_id, meter_dedup_horizon=s.meter_dedup_horizon,
                    urgencies=s.urgencies, replica_lease=s.replica_lease, max_collect_delay=s.max_collect_delay,
                    health_overdue_after=s.health_overdue_after, health_failures_in_row=s.health_failures_in_row,
@@ -418,6 +421,7 @@ class Aggregator(beyond.MetersAndExperiences):
                 writers=[w.name for w in self._writers], outbox_retention=s.delivery.retention,
                 meter_defs=s.meters, billing=collector.Billing(s.billing_realm, s.billing_instance_id),
                 dedup_horizon=s.meter_dedup_horizon, window=s.window_seconds,
+                distinct_retention=s.distinct_retention,
             )
         first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._connector = asyncio.create_task(self._connect(first), name="aggregator-connect")

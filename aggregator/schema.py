@@ -305,3 +305,29 @@ quarantine = sa.Table(
     sa.UniqueConstraint("kind", "ref", name="uq_quarantine_kind_ref"),
     sa.CheckConstraint("status IN ('held', 'retry')", name="status"),
 )
+
+# ---- range distinct (#13) -------------------------------------------------------------------------
+# ``dim`` names a distinct set: "workspaces", "users", or "meter:<name>" for a distinct meter.
+# Every id of a reported window, per UTC day: written in the report's commit from the window's ids, and
+# by a late flush into a reported window in its own commit; kept for ``distinct_retention``.
+day_ids = sa.Table(
+    "day_ids",
+    metadata,
+    sa.Column("day_start", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("dim", sa.String(80), primary_key=True),
+    sa.Column("id", sa.Uuid(as_uuid=True), primary_key=True),
+)
+
+# Mergeable sketches (serialized DataSketches HLL) of a reported window's ids. Append-only: one row per
+# window and dim written with the report, one more per late flush into it, so no writer updates a row.
+distinct_sketches = sa.Table(
+    "distinct_sketches",
+    metadata,
+    sa.Column("id", _BigSerial, primary_key=True, autoincrement=True),
+    sa.Column("window_start", sa.BigInteger, nullable=False),
+    sa.Column("dim", sa.String(80), nullable=False),
+    sa.Column("late", sa.Boolean, nullable=False),
+    sa.Column("sketch", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+sa.Index("ix_distinct_sketches_dim_window", distinct_sketches.c.dim, distinct_sketches.c.window_start)

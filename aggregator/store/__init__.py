@@ -33,6 +33,7 @@ from aggregator import config, exceptions, logs, schema
 from aggregator import experiences as journeys  # not .experiences below: that name is our submodule
 from aggregator import meters as metering  # likewise
 from aggregator import quarantine as isolation  # likewise
+from aggregator.store.distinct import DistinctQueries
 from aggregator.store.experiences import ExperienceQueries
 from aggregator.store.meters import MeterQueries
 from aggregator.store.outbox import OutboxQueries
@@ -297,7 +298,7 @@ class _Probed(Exception):
     """Raised inside a probe's transaction to roll it back (never leaves the store)."""
 
 
-class Store(OutboxQueries, MeterQueries, ExperienceQueries, QuarantineQueries):
+class Store(OutboxQueries, MeterQueries, ExperienceQueries, QuarantineQueries, DistinctQueries):
     """The database behind one Aggregator: an async engine and the statements it runs."""
 
     def __init__(self, url: str, *, pool_size: int = 5, pooler: str = "none") -> None:
@@ -427,6 +428,7 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries, QuarantineQueries):
         checkpoint_starts = {journeys.window_of(c.received_at, window) for c in batch.checkpoints}
         starts = sorted(set(batch.windows) | meter_starts | checkpoint_starts | {current})
         closed = await self._share_windows(conn, starts, window)
+        late_parts: list[tuple[int, BatchWindow]] = []  # for range distinct's day rollup and sketches
         for start in sorted(batch.windows):
             part = batch.windows[start]
             if part.is_empty():
@@ -448,6 +450,9 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries, QuarantineQueries):
                                          late_allowed=part.allowed, late_denied=part.denied,
                                          late_workspaces=new_workspaces, late_users=new_users)
             result.late_windows.append(start)
+            late_parts.append((start, part))
+        if late_parts:
+            await self._late_distinct(conn, late_parts, now)
 
         async def late_target() -> int:
             if result.late_target is None:
@@ -655,6 +660,7 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries, QuarantineQueries):
                 sa.update(schema.windows).where(schema.windows.c.window_start == start).values(closed_at=now)
             )
             await self._enqueue_report(conn, report, writers, now)
+            await self._collect_distinct(conn, start, now)
             report["meters"] = await self._collect_meters(conn, report, meter_defs or {}, billing, writers, now)
             report["experiences"] = await self._collect_slis(conn, report, writers, now)
             await self._release(conn, kind="window", refs=[str(start)])  # a retried window: reported now
