@@ -231,6 +231,9 @@ class Collector:
         if now - self._last_prune < min(self.id_retention / 4, 3600):
             return
         self._last_prune = now
+        created = await self.store.partition_ahead(now)
+        if created:
+            log.info("partitions_created", partitions=created, collector_id=self.collector_id)
         # First: it records the horizons that range distinct trusts before anything goes.
         deleted = await self.store.prune_distinct(ids_before=now - self.id_retention,
                                                   days_before=distinct.day_of(int(now - self.distinct_retention)))

@@ -47,7 +47,15 @@ window_ids = sa.Table(
     sa.Column("window_start", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("dim", sa.SmallInteger, primary_key=True, autoincrement=False),
     sa.Column("id", sa.Uuid(as_uuid=True), primary_key=True),
+    # PostgreSQL: one partition per day of window starts, created ahead (store/partitions.py, migration 0008).
+    postgresql_partition_by="RANGE (window_start)",
 )
+
+
+def is_partition(name: str | None) -> bool:
+    """A partition of ``window_ids`` (the engine creates and drops them; the migrations do not declare them)."""
+    return bool(name) and str(name).startswith("window_ids_")
+
 
 contributions = sa.Table(
     "contributions",

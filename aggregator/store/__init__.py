@@ -33,6 +33,8 @@ from aggregator import config, exceptions, logs, schema
 from aggregator import experiences as journeys  # not .experiences below: that name is our submodule
 from aggregator import meters as metering  # likewise
 from aggregator import quarantine as isolation  # likewise
+from aggregator.store import partitions
+from aggregator.store.base import sqlstate as _sqlstate
 from aggregator.store.distinct import DistinctQueries
 from aggregator.store.experiences import ExperienceQueries
 from aggregator.store.meters import MeterQueries
@@ -210,16 +212,6 @@ def _value_refused(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__
     return False
-
-
-def _sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of a PostgreSQL error as SQLAlchemy wraps it (``orig``, or the driver's own under it)."""
-    orig = getattr(exc, "orig", None) or exc
-    for candidate in (orig, orig.__cause__):
-        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
-        if isinstance(code, str):
-            return code
-    return None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -699,17 +691,33 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries, QuarantineQueries, D
             "late_unique_users": int(sums[6]),
         }
 
+    async def partition_ahead(self, now: float) -> list[str]:
+        """On PostgreSQL, create the id partitions of ``now``'s day and the next ones (store/partitions.py)."""
+        if self.dialect != "postgresql":
+            return []
+        async with self.transaction() as conn:
+            return await partitions.ensure_ahead(conn, now)
+
     async def prune(self, *, before: float, event_ids_before: float | None = None) -> int:
         """Drop distinct ids and contributions of reported windows that ended before ``before``.
 
+        On PostgreSQL, ids go by whole day partitions: they are kept until the end of ``before``'s day.
         Window rows stay (they are tiny) so that a very late flush still finds its window closed.
         """
         old = sa.select(schema.windows.c.window_start).where(
             schema.windows.c.closed_at.is_not(None), schema.windows.c.window_end < before
         )
+        ids = schema.window_ids
+        drop = sa.delete(ids).where(ids.c.window_start.in_(old))
+        if self.dialect == "postgresql":
+            async with self.transaction() as conn:  # alone: a drop locks the parent table until it commits
+                if await partitions.listed(conn):
+                    await partitions.drop_reported(conn, before)
+                    # What is left (the default partition, a partition holding an unreported window) is
+                    # deleted, but never from a day that is still partly retained.
+                    drop = drop.where(ids.c.window_start < partitions.day_of(before))
         async with self.transaction() as conn:
-            ids = schema.window_ids
-            deleted = (await conn.execute(sa.delete(ids).where(ids.c.window_start.in_(old)))).rowcount
+            deleted = (await conn.execute(drop)).rowcount
             await conn.execute(sa.delete(schema.contributions).where(schema.contributions.c.window_start.in_(old)))
             await conn.execute(sa.delete(schema.flush_sequences).where(schema.flush_sequences.c.updated_at < before))
             await self.prune_meters(conn, old, event_ids_before=event_ids_before or before)

@@ -1,4 +1,4 @@
-"""What the store's mixins (outbox, meters, experiences) may use of the Store they are mixed into."""
+"""What the store's parts (outbox, meters, experiences, ...) may use of the Store, and how to read its errors."""
 
 from __future__ import annotations
 
@@ -7,6 +7,16 @@ from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a PostgreSQL error as SQLAlchemy wraps it (``orig``, or the driver's own under it)."""
+    orig = getattr(exc, "orig", None) or exc
+    for candidate in (orig, orig.__cause__):
+        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(code, str):
+            return code
+    return None
 
 
 class StoreBase(Protocol):
