@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import multiprocessing
 import os
 import pwd
 import shutil
@@ -175,3 +176,13 @@ def pgbouncer_url(pgbouncer_server: object, pg_url: str) -> str:
 
     assert isinstance(pgbouncer_server, pgbouncer.PgBouncer)
     return pgbouncer_server.url(pg_url)
+
+
+@pytest.fixture(autouse=True)
+def _no_child_outlives_its_test() -> Iterator[None]:
+    """A child process a test started and left running (its assertion failed before the join) is killed here:
+    multiprocessing joins live children at interpreter exit, so one left behind would hang pytest for good."""
+    yield
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(5)

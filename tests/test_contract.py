@@ -35,6 +35,26 @@ def test_windows_are_aligned_to_the_epoch(database_url: str) -> None:
     assert [r.allowed_requests for r in written] == [1, 1]
 
 
+@pytest.mark.parametrize("how", ["clock", "at"])
+def test_an_event_exactly_on_a_window_boundary_opens_the_next_window(database_url: str, how: str) -> None:
+    """Windows are [start, end): the instant a window ends belongs to the next one; the instant before, to it.
+    (A boundary off by one was caught only by chance before, in a CLI format test.)"""
+    clock = FakeClock(T0 + 1)
+    with manual(database_url, clock) as agg:
+        for moment, allowed in ((T0, 1), (T0 + WINDOW - 0.001, 2), (T0 + WINDOW, 4), (T0 + 2 * WINDOW - 0.001, 8)):
+            if how == "clock":
+                clock.t = moment
+                agg.track(WS[0], USERS[0], allowed=allowed)
+            else:
+                agg.track(WS[0], USERS[0], allowed=allowed, at=moment)
+        clock.t = T0 + WINDOW + 1
+        agg.flush()
+        clock.past_window(T0 + WINDOW)
+        written = agg.collect()
+    assert [(int(r.window_start.timestamp()), r.allowed_requests) for r in written] == [
+        (T0, 1 + 2), (T0 + WINDOW, 4 + 8)]
+
+
 def test_track_during_flush_round_trip_is_not_lost(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A track() made while a flush is inside its database transaction is reported."""
     entered, release = threading.Event(), threading.Event()

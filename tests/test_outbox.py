@@ -206,13 +206,14 @@ async def test_two_replicas_delivering_share_items_without_duplicates(database_u
                  for k, sink in enumerate(sinks)]
 
         async def drain(deliverer: outbox.Deliverer) -> None:
+            # A pause between batches gives the others their turn on SQLite too, whose writers take turns.
             while await deliverer.deliver_once(deliverer.writers[0]):
-                await asyncio.sleep(0)
+                await asyncio.sleep(0.01)
 
         await asyncio.gather(*(drain(d) for d in loops))
         got = [e.event_id for sink in sinks for e in sink.delivered]
         assert (len(got), len(set(got))) == (40, 40)
-        assert sum(1 for sink in sinks if sink.delivered) >= 2 or database_url.startswith("sqlite")
+        assert sum(1 for sink in sinks if sink.delivered) >= 2  # they did share the work, on both backends
     finally:
         await db.close()
 

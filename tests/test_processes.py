@@ -64,15 +64,17 @@ def test_collector_killed_holding_the_lock_loses_no_window(database_url: str, tm
     with manual(database_url, clock, replica_id="survivor") as survivor:
         doomed = SPAWN.Process(target=procs.hang_after_taking_the_lock, args=(database_url, str(ready)))
         doomed.start()
-        deadline = time.time() + 60
-        while not ready.exists() and time.time() < deadline:
-            time.sleep(0.05)
-        assert ready.exists(), "the collector never took the lock"
-        assert survivor.reports() == []  # reads are not blocked by the lock holder
-        if database_url.startswith("postgresql"):
-            assert survivor.collect() == []  # the lock is held: skipped, not blocked
-        os.kill(doomed.pid, signal.SIGKILL)
-        doomed.join(10)
+        try:
+            deadline = time.time() + 60
+            while not ready.exists() and time.time() < deadline:
+                time.sleep(0.05)
+            assert ready.exists(), "the collector never took the lock"
+            assert survivor.reports() == []  # reads are not blocked by the lock holder
+            if database_url.startswith("postgresql"):
+                assert survivor.collect() == []  # the lock is held: skipped, not blocked
+        finally:  # it hangs by design: a failed assertion above must not leave it holding pytest's exit
+            os.kill(doomed.pid, signal.SIGKILL)
+            doomed.join(10)
         written: list = []
         deadline = time.time() + 30
         while not written and time.time() < deadline:
