@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar
 
-from aggregator import billing, busy, distinct, health, logs, meters, quarantine, reports, store
+from aggregator import billing, busy, distinct, exceptions, health, logs, meters, quarantine, reports, store
 
 log = logs.get_logger("aggregator.collector")
 
@@ -231,9 +231,13 @@ class Collector:
         if now - self._last_prune < min(self.id_retention / 4, 3600):
             return
         self._last_prune = now
-        created = await self.store.partition_ahead(now)
-        if created:
-            log.info("partitions_created", partitions=created, collector_id=self.collector_id)
+        try:  # a day without its partition still takes ids (the default one): never a reason to stop
+            created = await self.store.partition_ahead(now)
+        except (exceptions.StoreError, ValueError) as exc:
+            log.warning("partitions_not_created", error=str(exc), collector_id=self.collector_id)
+        else:
+            if created:
+                log.info("partitions_created", partitions=created, collector_id=self.collector_id)
         # First: it records the horizons that range distinct trusts before anything goes.
         deleted = await self.store.prune_distinct(ids_before=now - self.id_retention,
                                                   days_before=distinct.day_of(int(now - self.distinct_retention)))

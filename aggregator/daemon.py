@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from aggregator import api, config, exceptions, logs, metrics, systemd
+from aggregator import api, config, exceptions, logs, metrics, store, systemd
 from aggregator.runtime import Aggregator
 
 STOP_BACKSTOP_S = 5.0  # past the stop's own deadline, the daemon stops waiting for it
@@ -49,7 +49,8 @@ async def serve(settings: config.DaemonSettings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     log.info("configuration", **settings.masked())
-    agg = Aggregator.from_settings(settings.aggregator, handle_sigterm=False)
+    # Its HTTP API reads concurrently: it keeps its pool's connections open rather than one.
+    agg = Aggregator.from_settings(settings.aggregator, handle_sigterm=False, idle_connections=store.POOL_SIZE)
     try:
         await agg.astart()
     except exceptions.AggregatorError as exc:

@@ -99,6 +99,7 @@ class Aggregator(beyond.MetersAndExperiences):
         on_collector_ordered: Callable[[], Awaitable[None]] | None = None,
         max_event_age: str | float = "1d",
         max_event_future: str | float = "5m",
+        idle_connections: int = 1,
     ) -> None:
         # writers: tables as in the daemon's [writers.NAME] config, or Writer objects (custom writers).
         # outbox: the retry knobs (max_attempts, backoff_initial, backoff_max, poll_interval, drain_timeout,
@@ -125,6 +126,9 @@ class Aggregator(beyond.MetersAndExperiences):
         self._auto_replica_id = replica_id is None
         self._handle_sigterm = handle_sigterm
         self._clock = clock
+        # Connections to PostgreSQL kept open between jobs: one (a fleet of idle replicas costs one each);
+        # more open while jobs overlap, closed when they end. The daemon keeps more for its HTTP API.
+        self._idle_connections = idle_connections
         self._born = clock()  # nothing tracked by this incarnation is older (but for an explicit ``at``)
         self._on_collector_locked = on_collector_locked
         self._on_collector_ordered = on_collector_ordered
@@ -406,7 +410,8 @@ class Aggregator(beyond.MetersAndExperiences):
         FIRST_CONTACT_WAIT (or ``wait``); the connector goes on trying in the background after that.
         """
         s = self.settings
-        db = store.Store(s.database_url, pooler=s.database_pooler)  # a URL that cannot work fails here
+        db = store.Store(s.database_url, pooler=s.database_pooler,  # a URL that cannot work fails here
+                         idle=self._idle_connections)
         self._store = db
         self._ready = asyncio.Event()
         self._fatal = None

@@ -58,10 +58,10 @@ def test_an_event_exactly_on_a_window_boundary_opens_the_next_window(database_ur
 def test_track_during_flush_round_trip_is_not_lost(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A track() made while a flush is inside its database transaction is reported."""
     entered, release = threading.Event(), threading.Event()
-    original = store.Store._insert_ids
+    original = store.Store._add_contribution
     calls = 0
 
-    async def slow_insert(self: store.Store, *args: object, **kwargs: object) -> int:
+    async def slow_insert(self: store.Store, *args: object, **kwargs: object) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
@@ -69,7 +69,7 @@ def test_track_during_flush_round_trip_is_not_lost(database_url: str, monkeypatc
             await asyncio.to_thread(release.wait, 10)
         return await original(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(store.Store, "_insert_ids", slow_insert)
+    monkeypatch.setattr(store.Store, "_add_contribution", slow_insert)
     clock = FakeClock()
     with manual(database_url, clock) as agg:
         agg.track(WS[0], USERS[0])

@@ -2,14 +2,16 @@
 
 Two transactions carry the mechanism:
 
-* ``apply_batch`` (a replica's flush): checks the replica's flush sequence number, share-locks the
-  windows it writes to, inserts distinct ids (``ON CONFLICT DO NOTHING``, so the same id from two
-  replicas is stored once), adds counters, and records the sequence number, all in one commit. A
-  retry of a batch whose commit outcome was unknown finds its number already stored and is skipped.
-  Data for a window that is already reported is counted as late in the window open now.
-* ``collect_window`` (the collector): locks the window row ``FOR UPDATE SKIP LOCKED`` (transaction-
-  scoped: works through pools, released when the holder dies), aggregates every contribution, then
-  takes the collector lock row to write the report and close the window in the same commit.
+* ``apply_batch`` (a replica's flush): takes the replica's next flush sequence number, share-locks the
+  windows it writes to (advisory locks on PostgreSQL: nothing is written per lock), inserts distinct ids
+  (``ON CONFLICT DO NOTHING``, so the same id from two replicas is stored once), adds counters and
+  publishes the replica's watermark, all in one commit. A retry of a batch whose commit outcome was
+  unknown finds its number already taken and is skipped. Data for a window that is already reported is
+  counted as late in the window open now.
+* ``collect_window`` (the collector): locks the window row ``FOR UPDATE SKIP LOCKED``, then the window
+  itself exclusively, skipping it while a flush holds it (transaction-scoped locks: they work through
+  pools and are released when the holder dies), aggregates every contribution, then takes the collector
+  lock row to write the report and close the window in the same commit.
 
 On SQLite, ``BEGIN IMMEDIATE`` serialises writers across processes, which gives the same guarantees.
 """
@@ -69,6 +71,34 @@ _PG_INSERT_IDS_ON_CONFLICT = (
     f"INSERT INTO window_ids (window_start, dim, id) SELECT $2::bigint, $3::smallint, x {_PG_IDS} "
     "ORDER BY x ON CONFLICT DO NOTHING"
 )
+# Windows are locked against flushes with advisory locks keyed in a space of their own: this base + the
+# window start (< 2^44 for 500,000 years), clear of the migration lock's key.
+_WINDOW_LOCKS = 0x6167 << 44
+# A flush's windows: create the rows, then take each window's shared lock in start order.
+_PG_SHARE_WINDOWS = (
+    "WITH created AS (INSERT INTO windows (window_start, window_end) SELECT s, s + $2::bigint "
+    "FROM unnest($1::bigint[]) AS s ON CONFLICT DO NOTHING) "
+    "SELECT count(pg_advisory_xact_lock_shared($3::bigint + s)) FROM (SELECT s FROM unnest($1::bigint[]) AS s "
+    "ORDER BY s) AS ordered"
+)
+# A flush's on-time ids of both sets in one statement: workspaces (dim 1) then users (dim 2), each set in
+# id order. Probed one by one like _PG_INSERT_NEW_IDS, then inserted plainly (large batches: a concurrent
+# insert of the same id fails the statement, rolled back to a savepoint and redone with ON CONFLICT) or
+# with ON CONFLICT at once (small batches: no savepoint round trips; its speculative insertion costs per id).
+_PG_WINDOW_IDS = (
+    "FROM (SELECT 1::smallint AS d, x FROM unnest($1::uuid[]) AS x UNION ALL "
+    "SELECT 2::smallint, x FROM unnest($2::uuid[]) AS x) AS t"
+)
+_PG_INSERT_NEW_WINDOW_IDS = (
+    f"INSERT INTO window_ids (window_start, dim, id) SELECT $3::bigint, t.d, t.x {_PG_WINDOW_IDS} "
+    "LEFT JOIN LATERAL (SELECT 1 AS hit FROM window_ids w WHERE w.window_start = $3 AND w.dim = t.d "
+    "AND w.id = t.x LIMIT 1) AS stored ON true WHERE stored.hit IS NULL ORDER BY t.d, t.x"
+)
+_PG_INSERT_WINDOW_IDS_ON_CONFLICT = (
+    f"INSERT INTO window_ids (window_start, dim, id) SELECT $3::bigint, t.d, t.x {_PG_WINDOW_IDS} "
+    "ORDER BY t.d, t.x ON CONFLICT DO NOTHING"
+)
+SAVEPOINT_FROM_IDS = 1000  # ids in a flush's window from which the plain insert (and its savepoint) pays off
 # One statement per chunk: SQLite walks a JSON array of hex ids itself (~2x an executemany), in key order.
 _SQLITE_INSERT_IDS = (
     "INSERT INTO window_ids (window_start, dim, id) SELECT ?, ?, value FROM json_each(?) "
@@ -290,10 +320,15 @@ class _Probed(Exception):
     """Raised inside a probe's transaction to roll it back (never leaves the store)."""
 
 
+POOL_SIZE = 5
+
+
 class Store(OutboxQueries, MeterQueries, ExperienceQueries, QuarantineQueries, DistinctQueries):
     """The database behind one Aggregator: an async engine and the statements it runs."""
 
-    def __init__(self, url: str, *, pool_size: int = 5, pooler: str = "none") -> None:
+    def __init__(self, url: str, *, pool_size: int = POOL_SIZE, pooler: str = "none", idle: int | None = None) -> None:
+        """``pool_size``: connections kept open (``idle`` of them, if given, while nothing runs); up to
+        twice ``pool_size`` at once on PostgreSQL."""
         url = config.resolve_database_url(url)  # plain postgresql:// and sqlite:// get async drivers
         self.url = url
         self.masked_url = config.mask_url(url)
@@ -311,8 +346,9 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries, QuarantineQueries, D
             else:
                 target, connect_args = _asyncpg_arguments(parsed, self.pooler)
                 # The pre-ping runs in a transaction of its own (SQLAlchemy does so for PgBouncer's sake).
-                self.engine = create_async_engine(
-                    target, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, connect_args=connect_args)
+                kept = pool_size if idle is None else min(idle, pool_size)
+                self.engine = create_async_engine(target, pool_size=kept, max_overflow=2 * pool_size - kept,
+                                                  pool_pre_ping=True, connect_args=connect_args)
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         # Reads: on SQLite a deferred BEGIN, so they run beside a writer (WAL) instead of queueing.
         self.reader = self.engine.execution_options(aggregator_read_only=True)
@@ -377,14 +413,12 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries, QuarantineQueries, D
         result = BatchResult(applied=False, late_windows=[], late_target=None)
         try:
             async with self.transaction() as conn:
-                last_seq = await self._lock_sequence(conn, writer_id, replica_id, now)
-                if last_seq >= batch.seq:
-                    return result
+                if not await self._claim(conn, writer_id, replica_id, batch, now):
+                    return result  # applied before: a retry after an unknown commit outcome
                 await self._apply_parts(conn, batch, result, replica_id=replica_id, window=window, now=now,
                                         meter_defs=meter_defs, urgencies=urgencies)
                 for item in set_aside:
                     await self._set_aside(conn, item, now=now, by=replica_id)
-                await self._publish(conn, writer_id, batch, now)
                 if probe:
                     raise _Probed
         except _Probed:
@@ -426,8 +460,7 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries, QuarantineQueries, D
             if part.is_empty():
                 continue
             if start not in closed:
-                await self._insert_ids(conn, start, schema.DIM_WORKSPACE, part.workspaces)
-                await self._insert_ids(conn, start, schema.DIM_USER, part.users)
+                await self._insert_window_ids(conn, start, part.workspaces, part.users)
                 await self._add_contribution(conn, start, replica_id, ontime=True,
                                              allowed=part.allowed, denied=part.denied)
                 continue
@@ -470,8 +503,14 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries, QuarantineQueries, D
             return sa.cast(sa.func.extract("epoch", sa.func.clock_timestamp()), sa.Float)
         return sa.cast((sa.func.julianday("now") - 2440587.5) * 86400.0, sa.Float)
 
-    async def _publish(self, conn: AsyncConnection, writer_id: uuid.UUID, batch: Batch, now: float) -> None:
-        """Record the batch's sequence number, the incarnation's watermark and liveness (and a clean stop)."""
+    async def _claim(self, conn: AsyncConnection, writer_id: uuid.UUID, replica_id: str, batch: Batch,
+                     now: float) -> bool:
+        """Take the batch's sequence number, if it is new, and publish its watermark and liveness (and a
+        clean stop): one UPDATE, which also locks the incarnation's row until the commit. False: applied before.
+
+        The incarnation's row exists from its start (``register``); one that does not have it (a spool
+        replayed for another incarnation, a row pruned after two silent days) is entered here first.
+        """
         table = schema.flush_sequences
         values: dict[str, Any] = {"last_seq": batch.seq, "updated_at": now, "heartbeat_at": self._db_now()}
         if batch.watermark is not None:
@@ -480,7 +519,14 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries, QuarantineQueries, D
                                           else_=greatest(table.c.watermark, batch.watermark))
         if batch.final:
             values["stopped_at"] = self._db_now()
-        await conn.execute(sa.update(table).where(table.c.writer_id == writer_id).values(**values))
+        claim = (sa.update(table).where(table.c.writer_id == writer_id, table.c.last_seq < batch.seq)
+                 .values(**values).returning(table.c.last_seq))
+        if (await conn.execute(claim)).first() is not None:
+            return True
+        entered = await conn.execute(
+            self._insert(table).values(writer_id=writer_id, replica_id=replica_id, last_seq=0, updated_at=now)
+            .on_conflict_do_nothing().returning(table.c.last_seq))
+        return entered.first() is not None and (await conn.execute(claim)).first() is not None
 
     async def register(self, writer_id: uuid.UUID, replica_id: str, *, watermark: float, now: float) -> None:
         """Enter an incarnation with a first watermark and heartbeat, ahead of its first flush.
@@ -496,21 +542,21 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries, QuarantineQueries, D
                 .on_conflict_do_nothing()
             )
 
-    async def _lock_sequence(self, conn: AsyncConnection, writer_id: uuid.UUID, replica_id: str,
-                             now: float) -> int:
-        table = schema.flush_sequences
-        await conn.execute(
-            self._insert(table)
-            .values(writer_id=writer_id, replica_id=replica_id, last_seq=0, updated_at=now)
-            .on_conflict_do_nothing()
-        )
-        last = await conn.scalar(
-            sa.select(table.c.last_seq).where(table.c.writer_id == writer_id).with_for_update()
-        )
-        return int(last or 0)
-
     async def _share_windows(self, conn: AsyncConnection, starts: Sequence[int], window: int) -> set[int]:
-        """Create the window rows if needed and share-lock them (in order); return the closed ones."""
+        """Create the window rows if needed and share-lock the windows (in order); return the closed ones.
+
+        On PostgreSQL the lock is a transaction-scoped shared advisory lock per window, not ``FOR SHARE``
+        on its row: concurrent share-lockers of a row cost a MultiXact each (millions a day with a large
+        fleet, and aggressive freezing of ``windows``), an advisory lock writes nothing. The collector
+        takes the same lock exclusively (``_lock_window``). The closed state is read by a statement of
+        its own, after the locks are held, so it sees a collection that committed while we waited.
+        """
+        if self.dialect == "postgresql":
+            await conn.exec_driver_sql(_PG_SHARE_WINDOWS, (sorted(starts), window, _WINDOW_LOCKS))
+            rows = await conn.execute(
+                sa.select(schema.windows.c.window_start, schema.windows.c.closed_at)
+                .where(schema.windows.c.window_start.in_(starts)))
+            return {start for start, closed_at in rows if closed_at is not None}
         await conn.execute(
             self._insert(schema.windows)
             .values([{"window_start": s, "window_end": s + window} for s in starts])
@@ -519,10 +565,19 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries, QuarantineQueries, D
         rows = await conn.execute(
             sa.select(schema.windows.c.window_start, schema.windows.c.closed_at)
             .where(schema.windows.c.window_start.in_(starts))
-            .order_by(schema.windows.c.window_start)
-            .with_for_update(read=True)
         )
         return {start for start, closed_at in rows if closed_at is not None}
+
+    async def _lock_window(self, conn: AsyncConnection, start: int, *, wait: bool) -> bool:
+        """Lock a window exclusively against flushes (see ``_share_windows``); without ``wait``, False if a
+        flush holds it. SQLite: its writers are serialised already (``BEGIN IMMEDIATE``)."""
+        if self.dialect != "postgresql":
+            return True
+        if wait:
+            await conn.exec_driver_sql("SELECT pg_advisory_xact_lock($1::bigint + $2::bigint)", (_WINDOW_LOCKS, start))
+            return True
+        return bool(await conn.scalar(sa.text("SELECT pg_try_advisory_xact_lock(CAST(:space AS bigint) + :start)"),
+                                      {"space": _WINDOW_LOCKS, "start": start}))
 
     async def _open_window_from(self, conn: AsyncConnection, start: int, window: int, closed: set[int]) -> int:
         """The first window from ``start`` on that is not reported (normally ``start`` itself)."""
@@ -561,6 +616,27 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries, QuarantineQueries, D
             log.debug("ids_insert_fallback", window_start=start, dim=dim, ids=len(hexes))
             await conn.exec_driver_sql(_PG_INSERT_IDS_ON_CONFLICT, (hexes, start, dim))
         return 0
+
+    async def _insert_window_ids(self, conn: AsyncConnection, start: int, workspaces: Sequence[int],
+                                 users: Sequence[int]) -> None:
+        """A flush's on-time ids of both sets: one statement on PostgreSQL (see _PG_INSERT_NEW_WINDOW_IDS)."""
+        if self.dialect != "postgresql":
+            await self._insert_ids(conn, start, schema.DIM_WORKSPACE, workspaces)
+            await self._insert_ids(conn, start, schema.DIM_USER, users)
+            return
+        if not (workspaces or users):
+            return
+        params = ([i.to_bytes(16, "big").hex() for i in workspaces], [i.to_bytes(16, "big").hex() for i in users],
+                  start)
+        if len(workspaces) + len(users) < SAVEPOINT_FROM_IDS:
+            await conn.exec_driver_sql(_PG_INSERT_WINDOW_IDS_ON_CONFLICT, params)
+            return
+        try:
+            async with conn.begin_nested():
+                await conn.exec_driver_sql(_PG_INSERT_NEW_WINDOW_IDS, params)
+        except sa.exc.IntegrityError:
+            log.debug("ids_insert_fallback", window_start=start, ids=len(workspaces) + len(users))
+            await conn.exec_driver_sql(_PG_INSERT_WINDOW_IDS_ON_CONFLICT, params)
 
     async def _add_contribution(self, conn: AsyncConnection, start: int, replica_id: str, *, ontime: bool,
                                 **counts: int) -> None:
@@ -624,7 +700,8 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries, QuarantineQueries, D
         written report always reaches its writers.
         """
         async with self.transaction() as conn:
-            # The window row, skipped if locked: another collector is on it (or a late flush is).
+            # The window row, skipped if locked (another collector is on it), then the window's lock,
+            # skipped if a flush holds it.
             locked = await conn.execute(
                 sa.select(schema.windows.c.closed_at, schema.windows.c.window_end)
                 .where(schema.windows.c.window_start == start)
@@ -633,6 +710,8 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries, QuarantineQueries, D
             row = locked.first()
             if row is None or row.closed_at is not None:
                 return None
+            if not await self._lock_window(conn, start, wait=False):
+                return None  # a flush is writing to it: the next collection takes it
             report = await self._aggregate(conn, start, row.window_end)
             report.update(generated_at=now, generated_by=collector_id, replicas_missing=replicas_missing)
             if on_locked is not None:

@@ -26,6 +26,7 @@ DAY = 86400
 AHEAD_DAYS = 2  # today and the next two days exist before any id of theirs arrives
 LOCK_TIMEOUT = "1s"
 LOCK_NOT_AVAILABLE = "55P03"
+UPKEEP_LOCK = 0x61677270  # "aggp": one collector at a time creates or drops partitions; the others skip
 PARENT = "window_ids"
 DEFAULT = "window_ids_default"
 LEGACY = "window_ids_legacy"
@@ -71,8 +72,14 @@ async def listed(conn: AsyncConnection) -> list[Partition]:
     rows = await conn.execute(sa.text(
         "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
         "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = to_regclass('window_ids')"))
-    parts = [parse_bound(str(name), str(bound)) for name, bound in rows]
+    # A NULL bound: a partition another collector is attaching, seen half-way by a catalog scan; skipped.
+    parts = [parse_bound(str(name), str(bound)) for name, bound in rows if bound is not None]
     return sorted(parts, key=lambda p: (p.default, p.low if p.low is not None else -(2 ** 63)))
+
+
+async def _upkeep_turn(conn: AsyncConnection) -> bool:
+    """This transaction's turn at the partitions' DDL; False while another collector has it."""
+    return bool(await conn.scalar(sa.text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": UPKEEP_LOCK}))
 
 
 async def create_day(conn: AsyncConnection, day: int) -> bool:
@@ -99,8 +106,9 @@ async def ensure_ahead(conn: AsyncConnection, now: float) -> list[str]:
     One savepoint per day: a lock not granted within LOCK_TIMEOUT gives that day up until the next upkeep.
     """
     parts = await listed(conn)
-    if not parts:
+    if not parts or not await _upkeep_turn(conn):
         return []
+    parts = await listed(conn)  # as left by the collector that held the turn before
     await conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
     created = []
     for day in range(day_of(now), day_of(now) + (AHEAD_DAYS + 1) * DAY, DAY):
@@ -126,6 +134,8 @@ async def drop_reported(conn: AsyncConnection, before: float) -> list[str]:
     go with the DELETE of old windows instead.
     """
     cut = day_of(before)
+    if not await _upkeep_turn(conn):
+        return []
     await conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
     dropped = []
     for part in await listed(conn):
