@@ -302,7 +302,7 @@ class DistinctOut(BaseModel):
     path: Literal["ids", "daily", "sketch"] = Field(
         description="ids: exact, from the windows' ids (kept for id_retention); daily: exact, from the per-day "
                     "rollup (kept for distinct_retention), with windows' ids for partial days at the edges; "
-                    "sketch: estimated by merging the HLL sketches written with every report")
+                    "sketch: estimated by merging the HLL sketches written by each window's rollup")
     value: int
     exact: bool
     lower: int = Field(description="~95% lower bound (2 standard deviations); the value when exact")

@@ -21,6 +21,10 @@ from aggregator import billing, busy, distinct, exceptions, health, logs, meters
 
 log = logs.get_logger("aggregator.collector")
 
+# Windows rolled up per run at most (a window of 10^6 ids takes ~13 s, in commits of ~1 s): reports come
+# first, and a backlog (after an upgrade, or an outage) is worked off over the next runs.
+ROLLUP_WINDOWS = 8
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Billing:
@@ -116,6 +120,7 @@ class Collector:
                              collector_id=self.collector_id, queued_for=self.writers)
                 if written and self._on_written is not None:
                     self._on_written()
+                await self._roll_up()
                 await self._prune_now_and_then()
                 await self.store.quarantine_counts()
             except Exception as exc:
@@ -225,6 +230,15 @@ class Collector:
                     self.store.bill_again, item["id"], payload, defs=self.meter_defs, billing=self.billing,
                     writers=self.writers, now=self._clock()),
                 set_aside=self._set_aside, payload=payload, collector_id=self.collector_id)
+
+    async def _roll_up(self) -> None:
+        """Range distinct's rollup of a few reported windows, oldest first, each in its own commit: after the
+        reports, so that no report waits for it; before the prune, which keeps the ids of windows not rolled."""
+        began = time.monotonic()
+        rolled = await self.store.roll_up(now=self._clock(), limit=ROLLUP_WINDOWS)
+        if rolled:
+            log.info("distinct_rollup", windows=len(rolled), first=rolled[0], last=rolled[-1],
+                     duration_ms=round((time.monotonic() - began) * 1000, 2), collector_id=self.collector_id)
 
     async def _prune_now_and_then(self) -> None:
         now = self._clock()

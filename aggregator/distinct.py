@@ -2,8 +2,10 @@
 
 Three sources, most exact first: the windows' own ids (``window_ids``, kept for ``id_retention``), the
 per-day rollup (``day_ids``, kept for ``distinct_retention``; whole UTC days only), and the mergeable HLL
-sketches written with every report (kept with the reports). A range is answered exactly when every part
-of it is covered by retained ids or retained days, else entirely from sketches, with error bounds.
+sketches (kept with the reports). The rollup and sketches of a window are written by the collector's
+rollup after its report; until then the window keeps its ids, and they are counted besides the day or the
+sketches. A range is answered exactly when every part of it is covered by retained ids or retained days,
+else entirely from sketches, with error bounds.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import datasketches
@@ -42,6 +44,8 @@ class Span:
 class Plan:
     path: str  # one of PATHS
     spans: tuple[Span, ...] = ()  # empty on the sketch path
+    # Windows counted from their ids besides the spans: not rolled up yet, so not in their day's rollup.
+    also: tuple[Span, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -104,16 +108,19 @@ def windows_in(start: int, end: int, window: int, since: int = 0) -> tuple[int, 
     return lo, max(lo, _ceil(end, window))
 
 
-def plan(lo: int, hi: int, *, ids_from: int, days_from: int) -> Plan:
+def plan(lo: int, hi: int, *, ids_from: int, days_from: int, unrolled: Sequence[int] = (),
+         window: int = DAY) -> Plan:
     """How to count the windows starting in [lo, hi) exactly, or that only sketches can.
 
     ``ids_from``: windows starting from then still have all their ids; ``days_from``: days starting from
-    then still have all theirs. Whole days prefer the rollup (one set per day); a partial day needs its
-    windows' ids.
+    then still have all theirs, but for the ``unrolled`` windows (reported, not rolled up yet), which keep
+    their ids whenever they started: a day's rollup plus their ids is the day. Whole days prefer the
+    rollup (one set per day); a partial day needs its windows' ids.
     """
     if lo >= hi or lo >= ids_from:
         return Plan("ids", (Span("windows", lo, hi),) if lo < hi else ())
     spans: list[Span] = []
+    also = [Span("windows", u, u + window) for u in sorted(unrolled) if lo <= u < min(hi, ids_from)]
     day = lo - lo % DAY
     while day < hi:
         a, b = max(lo, day), min(hi, day + DAY)
@@ -130,14 +137,30 @@ def plan(lo: int, hi: int, *, ids_from: int, days_from: int) -> Plan:
             spans.append(Span(source, a, b))
         day += DAY
     path = "daily" if any(s.source == "days" for s in spans) else "ids"
-    return Plan(path, tuple(spans))
+    days = [s for s in spans if s.source == "days"]
+    return Plan(path, tuple(spans), tuple(u for u in also if any(d.start <= u.start < d.end for d in days)))
 
 
 def sketch_of(hex_ids: Iterable[str]) -> bytes:
     """A serialized HLL sketch of ids given as 32-digit lowercase hex (the same text on every backend)."""
-    sketch = datasketches.hll_sketch(LG_K, _TYPE)
+    sketch = new_sketch()
     for item in hex_ids:
         sketch.update(item)
+    return serialized(sketch)
+
+
+def new_sketch() -> datasketches.hll_sketch:
+    return datasketches.hll_sketch(LG_K, _TYPE)
+
+
+def update_packed(sketch: datasketches.hll_sketch, packed: str) -> None:
+    """Add ids given as one string of 32-digit lowercase hex ids end to end (as sketch_of would take them)."""
+    update = sketch.update
+    for offset in range(0, len(packed), 32):
+        update(packed[offset:offset + 32])
+
+
+def serialized(sketch: datasketches.hll_sketch) -> bytes:
     return bytes(sketch.serialize_compact())
 
 

@@ -316,8 +316,9 @@ quarantine = sa.Table(
 
 # ---- range distinct (#13) -------------------------------------------------------------------------
 # ``dim`` names a distinct set: "workspaces", "users", or "meter:<name>" for a distinct meter.
-# Every id of a reported window, per UTC day: written in the report's commit from the window's ids, and
-# by a late flush into a reported window in its own commit; kept for ``distinct_retention``.
+# Every id of a reported window, per UTC day: written by the window's rollup (after its report, in a
+# commit of its own), and by a late flush into a rolled-up window in its own commit; kept for
+# ``distinct_retention``.
 day_ids = sa.Table(
     "day_ids",
     metadata,
@@ -327,7 +328,7 @@ day_ids = sa.Table(
 )
 
 # Mergeable sketches (serialized DataSketches HLL) of a reported window's ids. Append-only: one row per
-# window and dim written with the report, one more per late flush into it, so no writer updates a row.
+# window and dim written by its rollup, one more per late flush into it after, so no writer updates a row.
 distinct_sketches = sa.Table(
     "distinct_sketches",
     metadata,
@@ -339,3 +340,15 @@ distinct_sketches = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
 )
 sa.Index("ix_distinct_sketches_dim_window", distinct_sketches.c.dim, distinct_sketches.c.window_start)
+
+# Range distinct's rollup of reported windows. A row with ``rolled_at`` NULL: being rolled up (late flushes
+# into it write the day rollup and a sketch themselves from then on); set: done, its ids are in ``day_ids``
+# and its sketches written, so retention may drop its ids. Until then a reported window keeps every id in
+# ``window_ids``. Migration 0007 enters the windows reported before ``distinct_from`` (outside every range)
+# as done.
+distinct_rollups = sa.Table(
+    "distinct_rollups",
+    metadata,
+    sa.Column("window_start", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("rolled_at", sa.Float, nullable=True),
+)

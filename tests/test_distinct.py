@@ -8,13 +8,17 @@ import datetime as dt
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator import Aggregator, InvalidInput, api, config, distinct, metrics, store
+from aggregator.store import partitions
+from tests.faults import blocking
 from tests.helpers import T0, WINDOW, FakeClock, manual
 from tests.test_cli import aggregator
 
@@ -256,3 +260,158 @@ def test_prune_keeps_horizons_monotonic(database_url: str) -> None:
             await db.close()
 
     assert asyncio.run(run()) == {"distinct_ids_before": f"{2000:020d}", "distinct_days_before": f"{3 * DAY:020d}"}
+
+
+# ---- the rollup: after the report, in commits of its own ------------------------------------------------
+
+WRITER = uuid.UUID(int=77)
+
+
+async def _flush(db: store.Store, seq: int, start: int, ids: list[uuid.UUID], *, now: int) -> store.BatchResult:
+    """A batch of ``ids`` (users; the first 7 also as workspaces) for ``start``'s window, applied at ``now``."""
+    part = store.BatchWindow(workspaces=sorted(u.int for u in ids[:7]), users=sorted(u.int for u in ids),
+                             allowed=len(ids), denied=0)
+    batch = store.Batch(seq=seq, windows={start: part}, events=len(ids), watermark=float(now))
+    return await db.apply_batch(batch, writer_id=WRITER, replica_id="r", window=WINDOW, now=float(now))
+
+
+async def _counts(db: store.Store, start: int) -> dict[str, int]:
+    """Rows of range distinct's tables, and the window's stored user ids."""
+    found = {}
+    async with db.read() as conn:
+        for table in ("day_ids", "distinct_sketches", "distinct_rollups"):
+            found[table] = int(await conn.scalar(sa.text(f"SELECT count(*) FROM {table}")) or 0)
+        found["window_ids"] = int(await conn.scalar(
+            sa.text("SELECT count(*) FROM window_ids WHERE window_start = :s AND dim = 2"), {"s": start}) or 0)
+    return found
+
+
+async def _prune_ids(db: store.Store, before: int) -> None:
+    await db.prune_distinct(ids_before=float(before), days_before=0)
+    await db.prune(before=float(before))
+
+
+def test_report_writes_nothing_for_range_distinct_and_the_rollup_takes_late_ids(database_url: str) -> None:
+    """collect_window writes no day rollup, sketch or rollup mark (its commit holds the window's lock); ids
+    flushed late before the rollup stay in the window's ids only, the rollup takes them, and once ids are
+    pruned the whole day answers exactly from the rollup."""
+    async def run() -> tuple[dict[str, int], ...]:
+        db = store.Store(database_url)
+        try:
+            await db.check_window(WINDOW)
+            await _flush(db, 1, W1, users(40), now=W1 + 1)
+            assert await db.collect_window(W1, collector_id="c", now=W1 + WINDOW + 1.0) is not None
+            reported = await _counts(db, W1)
+            await _flush(db, 2, W1, users(30, 30), now=W1 + 3 * WINDOW)  # late: 20 new ids
+            late = await _counts(db, W1)
+            unrolled = await db.distinct(D, D + DAY, "users")
+            assert await db.roll_up(now=W1 + 3 * WINDOW, limit=5) == [W1]
+            assert await db.roll_up(now=W1 + 3 * WINDOW, limit=5) == []  # done once
+            rolled = await _counts(db, W1)
+            await _prune_ids(db, D + 2 * DAY)
+            pruned = await _counts(db, W1)
+            daily = await db.distinct(D, D + DAY, "users")
+            return reported, late, rolled, pruned, (unrolled.path, unrolled.value), (daily.path, daily.value)
+        finally:
+            await db.close()
+
+    reported, late, rolled, pruned, unrolled, daily = blocking(run())
+    assert reported == {"day_ids": 0, "distinct_sketches": 0, "distinct_rollups": 0, "window_ids": 40}
+    assert late == {"day_ids": 0, "distinct_sketches": 0, "distinct_rollups": 0, "window_ids": 60}
+    assert unrolled == ("ids", 60)
+    assert rolled == {"day_ids": 60 + 14, "distinct_sketches": 2, "distinct_rollups": 1, "window_ids": 60}
+    assert pruned["window_ids"] == 0
+    assert daily == ("daily", 60)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_late_flush_racing_the_rollup_of_its_window_is_counted_once(database_url: str) -> None:
+    """A late flush into a window being rolled up waits for the rollup's commit, then sees the window rolled
+    and writes its ids to the day rollup itself; a rollup finding a flush on the window leaves it for the next
+    run. Either way the daily answer, once the windows' ids are pruned, is exact."""
+    async def run() -> tuple[Any, ...]:
+        db, other = store.Store(database_url), store.Store(database_url)
+        locked, go = asyncio.Event(), asyncio.Event()
+
+        async def hold(start: int) -> None:
+            locked.set()
+            await go.wait()
+
+        try:
+            await db.check_window(WINDOW)
+            await _flush(db, 1, W1, users(100), now=W1 + 1)
+            await db.collect_window(W1, collector_id="c", now=W1 + WINDOW + 1.0)
+            roller = asyncio.create_task(db.roll_up(now=W1 + 2 * WINDOW, limit=5, on_locked=hold))
+            await asyncio.wait_for(locked.wait(), 10)
+            flusher = asyncio.create_task(_flush(other, 2, W1, users(60, 90), now=W1 + 3 * WINDOW))
+            await asyncio.sleep(0.5)
+            waited = not flusher.done()  # on the window's lock, held by the rollup
+            go.set()
+            rolled, late = await roller, await flusher
+            # The other order: a flush holds W2's shared lock; the rollup skips W2 until it is done.
+            await _flush(db, 3, W2, users(50, 500), now=W2 + 1)
+            await db.collect_window(W2, collector_id="c", now=W2 + WINDOW + 1.0)
+            async with other.transaction() as conn:
+                await other._share_windows(conn, [W2], WINDOW)
+                skipped = await asyncio.wait_for(db.roll_up(now=W2 + 2 * WINDOW, limit=5), 10)
+                await other._insert_ids(conn, W2, 2, sorted(u.int for u in users(10, 545)), count_new=True)
+            taken = await db.roll_up(now=W2 + 2 * WINDOW, limit=5)
+            await _prune_ids(db, D + 2 * DAY)
+            left = await _counts(db, W1)
+            daily = await db.distinct(D, D + DAY, "users")
+            return waited, rolled, late.late_windows, skipped, taken, left["window_ids"], daily.path, daily.value
+        finally:
+            await db.close()
+            await other.close()
+
+    waited, rolled, late_windows, skipped, taken, left, path, value = blocking(run())
+    assert (waited, rolled, late_windows) == (True, [W1], [W1])
+    assert (skipped, taken) == ([], [W2])
+    assert (left, path) == (0, "daily")
+    assert value == truth(users(100), users(60, 90), users(50, 500), users(10, 545))
+
+
+def test_prune_keeps_the_ids_and_partition_of_a_window_not_rolled_up(database_url: str) -> None:
+    """Retention drops no id of a reported window whose rollup is not done (nor, on PostgreSQL, its day's
+    partition); once rolled up, they go."""
+    async def run() -> list[tuple[int, bool]]:
+        db = store.Store(database_url)
+        day = distinct.day_of(W1)
+        seen = []
+
+        async def state() -> tuple[int, bool]:
+            async with db.read() as conn:
+                names = [p.name for p in await partitions.listed(conn)] if db.dialect == "postgresql" else []
+            return (await _counts(db, W1))["window_ids"], partitions.day_name(day) in names
+
+        try:
+            await db.check_window(WINDOW)
+            await db.partition_ahead(float(day))  # W1's day has a partition of its own on PostgreSQL
+            await _flush(db, 1, W1, users(40), now=W1 + 1)
+            await db.collect_window(W1, collector_id="c", now=W1 + WINDOW + 1.0)
+            seen.append(await state())
+            await _prune_ids(db, day + 3 * DAY)
+            seen.append(await state())
+            await db.roll_up(now=day + 3 * DAY, limit=5)
+            await _prune_ids(db, day + 3 * DAY)
+            seen.append(await state())
+        finally:
+            await db.close()
+        return seen
+
+    pg = database_url.startswith("postgresql")
+    assert blocking(run()) == [(40, pg), (40, pg), (0, False)]
+
+
+def test_plan_counts_windows_not_rolled_up_beside_their_day() -> None:
+    """A whole day whose rollup lacks a window not rolled up yet is still answered from the day, with that
+    window's own ids (kept until its rollup) counted beside it; a window in a partial day is not needed."""
+    found = distinct.plan(D, D + 2 * DAY, ids_from=D + 2 * DAY, days_from=0, unrolled=[D + 600, D + DAY + 60],
+                          window=60)
+    assert found.path == "daily"
+    assert found.spans == (distinct.Span("days", D, D + 2 * DAY),)
+    assert found.also == (distinct.Span("windows", D + 600, D + 660), distinct.Span("windows", D + DAY + 60,
+                                                                                    D + DAY + 120))
+    edge = distinct.plan(D, D + DAY + 120, ids_from=D + DAY, days_from=0, unrolled=[D + DAY + 60], window=60)
+    assert (edge.spans, edge.also) == ((distinct.Span("days", D, D + DAY), distinct.Span("windows", D + DAY,
+                                                                                          D + DAY + 120)), ())

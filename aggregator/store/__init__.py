@@ -731,7 +731,7 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries, QuarantineQueries, D
                 sa.update(schema.windows).where(schema.windows.c.window_start == start).values(closed_at=now)
             )
             await self._enqueue_report(conn, report, writers, now)
-            await self._collect_distinct(conn, start, now)
+            # Nothing for range distinct: the collector's roll_up takes the window after this commit.
             report["meters"] = await self._collect_meters(conn, report, meter_defs or {}, billing, writers, now)
             report["experiences"] = await self._collect_slis(conn, report, writers, now)
             await self._release(conn, kind="window", refs=[str(start)])  # a retried window: reported now
@@ -787,7 +787,10 @@ class Store(OutboxQueries, MeterQueries, ExperienceQueries, QuarantineQueries, D
             schema.windows.c.closed_at.is_not(None), schema.windows.c.window_end < before
         )
         ids = schema.window_ids
-        drop = sa.delete(ids).where(ids.c.window_start.in_(old))
+        # Ids go once range distinct's rollup has them (a window not rolled up yet keeps them).
+        r = schema.distinct_rollups
+        rolled = sa.select(r.c.window_start).where(r.c.rolled_at.is_not(None))
+        drop = sa.delete(ids).where(ids.c.window_start.in_(old.where(schema.windows.c.window_start.in_(rolled))))
         if self.dialect == "postgresql":
             async with self.transaction() as conn:  # alone: a drop locks the parent table until it commits
                 if await partitions.listed(conn):

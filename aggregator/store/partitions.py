@@ -128,10 +128,10 @@ async def ensure_ahead(conn: AsyncConnection, now: float) -> list[str]:
 
 
 async def drop_reported(conn: AsyncConnection, before: float) -> list[str]:
-    """Drop the partitions whose windows all started before ``before``'s day and are all reported.
+    """Drop the partitions whose windows all started before ``before``'s day and are all reported and rolled up.
 
-    A partition holding a window not reported yet (held, or in the quarantine) stays; its reported windows
-    go with the DELETE of old windows instead.
+    A partition holding a window not reported yet (held, or in the quarantine), or whose range distinct
+    rollup is not done, stays; its other windows go with the DELETE of old windows instead.
     """
     cut = day_of(before)
     if not await _upkeep_turn(conn):
@@ -142,8 +142,9 @@ async def drop_reported(conn: AsyncConnection, before: float) -> list[str]:
         if part.default or part.high is None or part.high > cut:
             continue
         unreported = await conn.scalar(
-            sa.text("SELECT 1 FROM windows WHERE closed_at IS NULL AND window_start < :high "
-                    "AND window_start >= :low LIMIT 1"),
+            sa.text("SELECT 1 FROM windows w WHERE w.window_start < :high AND w.window_start >= :low AND "
+                    "(w.closed_at IS NULL OR NOT EXISTS (SELECT 1 FROM distinct_rollups r "
+                    "WHERE r.window_start = w.window_start AND r.rolled_at IS NOT NULL)) LIMIT 1"),
             {"high": part.high, "low": part.low if part.low is not None else -(2 ** 63)})
         if unreported is not None:
             continue
