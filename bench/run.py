@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -22,7 +23,22 @@ from pathlib import Path
 from typing import Any
 
 from aggregator import config, logs
-from bench import daemon, figures, flush_cost, hostile, hotpath, journeys, memory, postgres, spool, watermarks, workload
+from bench import (
+    capacity,
+    daemon,
+    distinct,
+    figures,
+    fleet,
+    flush_cost,
+    hostile,
+    hotpath,
+    journeys,
+    memory,
+    postgres,
+    spool,
+    watermarks,
+    workload,
+)
 from bench.figures import Result
 
 DATABASE_ENV = "AGGREGATOR_BENCH_DATABASE_URL"
@@ -47,6 +63,19 @@ ROWS: dict[str, Callable[[workload.Env], Result]] = {
     "worst_request": hostile.worst_request,
     # Issue #13: past one machine on PostgreSQL.
     "pg_flush_by_window": flush_cost.by_window_size,
+    # Issue #13, item 3: distinct over any range (exact paths, sketch path).
+    "range_distinct": distinct.range_distinct,
+    "range_distinct_collect": distinct.collect_cost,  # a report's cost at 10^6 ids, and the rollup's after it
+}
+
+# Issue #13, items 5-6: minutes each (a fleet of 5,000 replicas, a window of 10^7 ids), so they run only
+# when named: python -m bench --only fleet_1000 capacity (capacity reuses the fleet of 1,000 of the same run).
+ON_REQUEST: dict[str, Callable[[workload.Env], Result]] = {
+    "fleet_100": functools.partial(fleet.row, replicas=100),
+    "fleet_1000": functools.partial(fleet.row, replicas=1_000),
+    "fleet_5000": functools.partial(fleet.row, replicas=5_000),
+    "capacity": capacity.capacity,
+    "capacity_1e7": functools.partial(capacity.capacity, largest=10_000_000),  # and a window of 10^7 ids
 }
 
 
@@ -54,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: small sizes, fewer repetitions; size-bound targets are not checked")
-    parser.add_argument("--only", nargs="+", choices=list(ROWS), metavar="ROW",
-                        help=f"run only these rows, of: {', '.join(ROWS)}")
+    parser.add_argument("--only", nargs="+", choices=[*ROWS, *ON_REQUEST], metavar="ROW",
+                        help=f"run only these rows, of: {', '.join(ROWS)}; and, only when named here: "
+                             f"{', '.join(ON_REQUEST)}")
     parser.add_argument("--database-url", default=os.environ.get(DATABASE_ENV, DEFAULT_DATABASE_URL),
                         help="superuser URL of a PostgreSQL server; scratch databases are created and dropped "
                              f"on it [env: {DATABASE_ENV}; default: {DEFAULT_DATABASE_URL}]")
@@ -69,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(level="warning")  # aggregator's own info events (start, flush) would drown the table
     sizes = workload.QUICK if args.quick else workload.FULL
     names = [name for name in ROWS if args.only is None or name in args.only]
+    names += [name for name in ON_REQUEST if args.only is not None and name in args.only]
     machine = machine_info()
     began = time.monotonic()
     print(f"aggregator benchmarks ({'quick' if args.quick else 'full'}), "
@@ -105,7 +136,7 @@ def _run_row(name: str, env: workload.Env) -> Result:
     print(f"[bench] {name} ...", file=sys.stderr, flush=True)
     began = time.monotonic()
     try:
-        result = ROWS[name](env)
+        result = (ROWS.get(name) or ON_REQUEST[name])(env)
     except Exception as exc:
         traceback.print_exc()
         result = Result(name, name, error=f"{type(exc).__name__}: {exc}")

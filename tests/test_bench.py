@@ -16,7 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 ISSUE_ROWS = ["caller_cost", "total_cpu", "threads_8", "pg_flush", "pg_collect", "memory", "daemon_ingest"]
 # and rows of later issues:
-ROWS = [*ISSUE_ROWS, "pg_checkpoints", "report_latency", "spool", "worst_request", "pg_flush_by_window"]
+ROWS = [*ISSUE_ROWS, "pg_checkpoints", "report_latency", "spool", "worst_request", "pg_flush_by_window",
+        "range_distinct", "range_distinct_collect"]
 
 
 @pytest.mark.slow
