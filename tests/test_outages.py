@@ -232,7 +232,7 @@ def test_flushes_taking_seconds_keep_every_window_exact(pg_url: str, children: C
                                                         record_property: Any) -> None:
     """Through a proxy that delays every round trip, each flush takes seconds (longer than a 2 s window):
     two replica processes still get every window reported exactly, with nothing late."""
-    window, delay = 2, 0.1
+    window, delay = 2, 0.2  # 0.2 s a round trip: a flush (9 of them, BEGIN and COMMIT included) takes ~2 s
     with TcpProxy.to(pg_url) as proxy:
         proxy.delay = delay
         slow_url = proxy.url_for(pg_url)
