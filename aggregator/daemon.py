@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from aggregator import api, config, exceptions, logs, metrics, store, systemd
+from aggregator import api, exceptions, logs, metrics, options, store, systemd
 from aggregator.runtime import Aggregator
 
 STOP_BACKSTOP_S = 5.0  # past the stop's own deadline, the daemon stops waiting for it
@@ -32,12 +32,12 @@ class _Server(uvicorn.Server):
         yield
 
 
-def main(settings: config.DaemonSettings) -> int:
+def main(settings: options.DaemonSettings) -> int:
     logs.configure(level=settings.log_level, json={"auto": None, "json": True, "console": False}[settings.log_format])
     return asyncio.run(serve(settings))
 
 
-async def serve(settings: config.DaemonSettings) -> int:
+async def serve(settings: options.DaemonSettings) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -78,7 +78,7 @@ async def serve(settings: config.DaemonSettings) -> int:
     return await _shutdown(settings, agg, server, serving, watchdog)
 
 
-async def _shutdown(settings: config.DaemonSettings, agg: Aggregator, server: uvicorn.Server,
+async def _shutdown(settings: options.DaemonSettings, agg: Aggregator, server: uvicorn.Server,
                     serving: asyncio.Task[None], watchdog: asyncio.Task[None]) -> int:
     began = time.monotonic()
     systemd.notify("STOPPING=1", "STATUS=stopping: draining requests, final flush")

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from aggregator import config, exceptions, logs, migrate, reports, runtime
+from aggregator import dsn, exceptions, logs, migrate, reports, runtime
 from aggregator.runtime import Aggregator
 
 POOL_WORKSPACES = 50
@@ -41,7 +41,7 @@ def default_file() -> Path:
     """Where the demo keeps its SQLite file: ``demo/demo.db`` in the state directory of the embedded default
     database (``$XDG_STATE_HOME/aggregator``, else ``~/.local/state/aggregator``). A directory of its own,
     so that the spool beside it is never that of a real database."""
-    default = sa.make_url(config.default_database_url()).database or "aggregator.db"
+    default = sa.make_url(dsn.default_database_url()).database or "aggregator.db"
     return Path(default).expanduser().absolute().parent / "demo" / "demo.db"
 
 
@@ -106,10 +106,10 @@ def run(*, replicas: int, window: float, duration: float, flush_interval: float,
         path = default_file()
         _clear(path)
         database_url = f"sqlite:///{path}"
-    url = config.resolve_database_url(database_url)
+    url = dsn.resolve_database_url(database_url)
     console = Console(highlight=False)
     print(f"aggregator demo: {replicas} replica processes, {window:g}s windows, {duration:g}s of traffic, "
-          f"flush every {flush_interval:g}s, database {config.mask_url(url)}"
+          f"flush every {flush_interval:g}s, database {dsn.mask_url(url)}"
           f"{' (the previous demo database is replaced)' if kept else ''}", flush=True)
     print("each report is shown as reported/truth; 'exact' means every figure matches\n", flush=True)
     with _Progress(console, replicas, window) as progress:
@@ -132,9 +132,9 @@ def run(*, replicas: int, window: float, duration: float, flush_interval: float,
             collector.stop()
             for p in procs:
                 p.join(timeout=10)
-    where = f"{database_url.removeprefix('sqlite:///')} (replaced by the next demo)" if kept else config.mask_url(url)
+    where = f"{database_url.removeprefix('sqlite:///')} (replaced by the next demo)" if kept else dsn.mask_url(url)
     print(f"\nthe database is kept: {where}\nchart it:  aggregator reports --chart --database-url "
-          f"{shlex.quote(database_url if kept else config.mask_url(database_url))}", flush=True)
+          f"{shlex.quote(database_url if kept else dsn.mask_url(database_url))}", flush=True)
     return 0 if ok else 1
 
 

@@ -5,7 +5,7 @@ a window are left out) stamped with the moment of the swap (the watermark), and 
 transaction. A batch that fails, or whose commit outcome is unknown, stays as it is and is retried
 first on the next flush with the same number; the store skips it if it had in fact been committed.
 Only then is new data taken. During an outage, what is queued past the memory budget goes to a local
-spool (``spool.py``) and is replayed, in order and under the same numbers, when the store answers.
+spool (``spool/``) and is replayed, in order and under the same numbers, when the store answers.
 A batch the store refuses for a reason of its own (a value out of range) is applied less the windows at
 fault, which go to the quarantine in the same commit (``_isolate``): the flush never stalls on them.
 """

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from aggregator import Aggregator, api, config, metrics
+from aggregator import Aggregator, api, metrics, options
 from bench import figures
 from bench.figures import Check, Figure, Result
 from bench.workload import Env
@@ -72,7 +72,7 @@ def worst_request(env: Env) -> Result:
 
 
 async def _measure(url: str, reps: int, bodies: dict[str, bytes], size: int) -> dict[str, tuple[list[float], ...]]:
-    settings = config.load_daemon_settings({"database_url": url, "max_body_bytes": str(size), "window": "1h"},
+    settings = options.load_daemon_settings({"database_url": url, "max_body_bytes": str(size), "window": "1h"},
                                            environ={})
     trivial = json.dumps({"records": "x" * (size - 20)}).encode()
     out: dict[str, tuple[list[float], ...]] = {path: ([], [], []) for path in bodies}

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from aggregator import config, logs
+from aggregator import dsn, logs
 from bench import (
     capacity,
     daemon,
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}")
     print(f"machine: {machine['cpus']} cpus ({machine['cpus_usable']} usable, {machine['cpu_model']}), "
           f"Python {machine['python']} ({machine['implementation']}), {machine['platform']}")
-    print(f"code: {machine['git']}; PostgreSQL: {config.mask_url(args.database_url)}\n", flush=True)
+    print(f"code: {machine['git']}; PostgreSQL: {dsn.mask_url(args.database_url)}\n", flush=True)
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="aggregator-bench-") as tmp:
         env = workload.Env(sizes, quick=args.quick, database_url=args.database_url, tmp=Path(tmp))
@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  - {note}")
     _write_json(args.json, {
         "issue": 4, "quick": args.quick, "started_at": machine.pop("started_at"), "duration_s": round(elapsed, 1),
-        "machine": machine, "database_url": config.mask_url(args.database_url),
+        "machine": machine, "database_url": dsn.mask_url(args.database_url),
         "rows": {r.name: r.as_json() for r in results},
     })
     print(f"\nresults written to {args.json}")

@@ -7,7 +7,7 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from aggregator import config, schema, store
+from aggregator import dsn, schema, store
 
 
 def _declared(name: str | None, type_: str, _parents: object) -> bool:
@@ -31,7 +31,7 @@ async def run_standalone() -> None:
     """`alembic upgrade head` from a checkout: the URL comes from AGGREGATOR_DATABASE_URL."""
     from aggregator import migrate
 
-    db = store.Store(config.resolve_database_url(None), pooler=config.resolve_database_pooler(None))
+    db = store.Store(dsn.resolve_database_url(None), pooler=dsn.resolve_database_pooler(None))
     try:
         await migrate.run_locked(db, run_on)
     finally:

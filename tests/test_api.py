@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from aggregator import api, api_models, config, metrics, reports, store
+from aggregator import api, api_models, exceptions, metrics, options, reports, store
 from aggregator.reports import Report
 from aggregator.runtime import Aggregator
 from tests.helpers import GRACE, T0, WINDOW, FakeClock, manual
@@ -28,7 +28,7 @@ def event(i: int = 0, **fields: object) -> dict[str, object]:
 
 @pytest.fixture
 async def client(database_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, Aggregator, metrics.Counters]]:
-    settings = config.load_daemon_settings(
+    settings = options.load_daemon_settings(
         {"database_url": database_url, "api_tokens": TOKEN, "window": f"{WINDOW}s", "max_body_bytes": "4096",
          "max_events_per_request": "20"}, environ={})
     counters = metrics.Counters()
@@ -251,14 +251,14 @@ async def test_metrics_show_the_outbox_by_writer_and_status(client: tuple) -> No
 
 
 async def test_open_api_without_tokens_only_on_loopback(database_url: str) -> None:
-    settings = config.load_daemon_settings({"database_url": database_url, "window": f"{WINDOW}s"}, environ={})
+    settings = options.load_daemon_settings({"database_url": database_url, "window": f"{WINDOW}s"}, environ={})
     async with manual(database_url, FakeClock()) as agg:
         app = api.build_app(agg, settings, metrics.Counters())
         # Without tokens only a local Host is served (tests/test_http_hygiene.py).
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8714") as http:
             assert (await http.post("/v1/track", json={"events": [event(0)]})).status_code == 202
-    with pytest.raises(config.exceptions.ConfigError, match="not a loopback address"):
-        config.load_daemon_settings({"listen": "0.0.0.0:8714"}, environ={})
+    with pytest.raises(exceptions.ConfigError, match="not a loopback address"):
+        options.load_daemon_settings({"listen": "0.0.0.0:8714"}, environ={})
 
 
 async def test_invalid_query_is_422_in_the_documented_shape(client: tuple) -> None:
@@ -283,7 +283,7 @@ METERS = {"build_seconds": {"aggregation": "sum", "unit": "seconds", "decimals":
 
 @pytest.fixture
 async def metered(database_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, Aggregator, FakeClock]]:
-    settings = config.load_daemon_settings(
+    settings = options.load_daemon_settings(
         {"database_url": database_url, "api_tokens": TOKEN, "window": f"{WINDOW}s", "max_events_per_request": "20",
          "pseudonym_allowlist": "project_id"}, environ={})  # project_id in clear, as a writer would send it
     clock = FakeClock()

@@ -183,10 +183,10 @@ def test_config_check_masks_secrets_and_names_sources(tmp_path: Path) -> None:
 
 def test_readme_documents_every_configuration_key() -> None:
     """Each option's key, environment variable and flag appear in the README's table."""
-    from aggregator import config
+    from aggregator import options
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    missing = [o.key for o in config.OPTIONS if f"| `{o.key}` | `{o.env}` | `{o.flag}` |" not in readme]
+    missing = [o.key for o in options.OPTIONS if f"| `{o.key}` | `{o.env}` | `{o.flag}` |" not in readme]
     assert missing == []
 
 

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from aggregator import api, api_models, config, dashboard, meters, metrics, privacy
+from aggregator import api, api_models, dashboard, meters, metrics, options, privacy
 from aggregator.client import new_correlation_id
 from aggregator.dashboard import charts, svg
 from aggregator.reports import Report, iso_utc
@@ -218,7 +218,7 @@ class Served:
 
 
 async def serve(url: str, base_url: str = "http://aggregator.internal", **flags: str) -> AsyncIterator[Served]:
-    settings = config.load_daemon_settings({"database_url": url, "window": f"{WINDOW}s", "listen": "127.0.0.1:8714",
+    settings = options.load_daemon_settings({"database_url": url, "window": f"{WINDOW}s", "listen": "127.0.0.1:8714",
                                             **flags}, environ={})
     clock, counters = FakeClock(), metrics.Counters()
     async with manual(url, clock, meters=METERS, pseudonym_key=settings.aggregator.delivery.pseudonym_key) as agg:

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator import Aggregator, InvalidInput, api, config, distinct, metrics, store
+from aggregator import Aggregator, InvalidInput, api, distinct, metrics, options, store
 from aggregator.store import partitions
 from tests.faults import blocking
 from tests.helpers import T0, WINDOW, FakeClock, manual
@@ -191,7 +191,7 @@ def test_merging_sketches_equals_the_sketch_of_the_union(a: set[int], b: set[int
 
 @pytest.fixture
 async def client(database_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, Aggregator, FakeClock]]:
-    settings_ = config.load_daemon_settings(
+    settings_ = options.load_daemon_settings(
         {"database_url": database_url, "api_tokens": TOKEN, "window": f"{WINDOW}s"}, environ={})
     clock = FakeClock(W1 + 1)
     async with manual(database_url, clock) as agg:

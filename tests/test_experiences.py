@@ -11,7 +11,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from aggregator import Aggregator, InvalidInput, api, config, metrics, schema, store
+from aggregator import Aggregator, InvalidInput, api, metrics, options, schema, store
 from aggregator.client import new_correlation_id
 from tests.helpers import T0, WINDOW, FakeClock, manual
 from tests.test_outbox import KEY, Scripted, wait_for
@@ -155,7 +155,7 @@ def test_bad_checkpoints_raise_naming_the_field_and_keep_nothing(sqlite_url: str
 
 @pytest.fixture
 async def http(database_url: str) -> Any:
-    settings = config.load_daemon_settings(
+    settings = options.load_daemon_settings(
         {"database_url": database_url, "api_tokens": "service-token-0123456789,web-only-token-0123456:web",
          "window": f"{WINDOW}s", "experience_urgencies": URGENCIES}, environ={})
     async with service(database_url, FakeClock()) as agg:

@@ -16,7 +16,7 @@ import asyncpg
 import sqlalchemy as sa
 
 from aggregator import store
-from aggregator.store import _PG_INSERT_NEW_IDS, _PG_INSERT_NEW_WINDOW_IDS
+from aggregator.store.ids import _PG_INSERT_NEW_IDS, _PG_INSERT_NEW_WINDOW_IDS
 
 STORED = 200_000
 NOT_EXISTS = (  # the statement before this change, to show the situation is the one that hurt

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from aggregator import api, config, metrics
+from aggregator import api, metrics, options
 from tests.helpers import T0, FakeClock, manual
 from tests.test_metrics_gauges import AUTH, KEY, METERS, TOKEN
 
@@ -81,7 +81,7 @@ async def exposed(sqlite_url: str, tmp_path: Path) -> set[str]:
     """The metric names one scrape of a busy replica exposes (a complete report with meter groups, a writer):
     the names its `# TYPE` lines declare; the text must parse with Prometheus' own parser."""
     writers = json.dumps({"files": {"type": "jsonl", "directory": str(tmp_path / "out")}})
-    settings = config.load_daemon_settings(
+    settings = options.load_daemon_settings(
         {"database_url": sqlite_url, "api_tokens": TOKEN, "window": "60s", "pseudonym_key": KEY,
          "writers": writers}, environ={})
     clock = FakeClock()

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from aggregator import Aggregator, api, config, exceptions, health, metrics
+from aggregator import Aggregator, api, config, exceptions, health, metrics, options
 from aggregator.collector import CollectorStats
 from aggregator.flush import FlushStats
 from tests.faults import TcpProxy, free_port
@@ -82,12 +82,12 @@ def test_the_bounds_are_options_with_defaults_that_follow_max_collect_delay(sqli
     reported when all is well); both options come from the environment like every other, and are validated."""
     built = config.Settings.build(database_url=sqlite_url, window="30m", flush_interval="60s")
     assert (built.health_overdue_after, built.health_failures_in_row) == (1800 + 0 + 2 * 15, 3)
-    daemon = config.load_daemon_settings({"database_url": sqlite_url}, environ={
+    daemon = options.load_daemon_settings({"database_url": sqlite_url}, environ={
         "AGGREGATOR_HEALTH_OVERDUE_AFTER": "10m", "AGGREGATOR_HEALTH_FAILURES_IN_ROW": "5"})
     assert (daemon.aggregator.health_overdue_after, daemon.aggregator.health_failures_in_row) == (600.0, 5)
     assert daemon.masked()["health_overdue_after"] == "600s"
     with pytest.raises(exceptions.ConfigError, match="health_failures_in_row='0'"):
-        config.load_daemon_settings({"database_url": sqlite_url, "health_failures_in_row": "0"}, environ={})
+        options.load_daemon_settings({"database_url": sqlite_url, "health_failures_in_row": "0"}, environ={})
     with pytest.raises(exceptions.ConfigError, match="health_overdue_after"):
         Aggregator(database_url=sqlite_url, health_overdue_after="soon")
 
@@ -117,7 +117,7 @@ def test_an_overdue_window_makes_health_degraded_until_it_is_reported(database_u
 @pytest.fixture
 async def served(database_url: str, tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Aggregator, FakeClock]]:
     """The daemon's app over an embedded Aggregator on a fake clock, failing after two failures in a row."""
-    settings = config.load_daemon_settings(
+    settings = options.load_daemon_settings(
         {"database_url": database_url, "api_tokens": TOKEN, "window": f"{WINDOW}s"}, environ={})
     clock = FakeClock()
     async with manual(database_url, clock, health_failures_in_row=2, spool_dir=str(tmp_path)) as agg:
@@ -174,7 +174,7 @@ async def test_an_unreachable_database_is_failing_and_healthz_503_until_it_answe
     and /healthz answers 503 with the reason in `detail` and `reasons`; once it answers again, ok and 200."""
     with TcpProxy.to(pg_url) as proxy:
         url = proxy.url_for(pg_url)
-        settings = config.load_daemon_settings({"database_url": url, "api_tokens": TOKEN, "window": f"{WINDOW}s"},
+        settings = options.load_daemon_settings({"database_url": url, "api_tokens": TOKEN, "window": f"{WINDOW}s"},
                                                environ={})
         async with manual(url, FakeClock(), spool_dir=str(tmp_path)) as agg:
             app = api.build_app(agg, settings, metrics.Counters())
@@ -202,7 +202,7 @@ async def test_an_unreachable_database_is_failing_and_healthz_503_until_it_answe
 async def test_a_database_that_never_answered_is_failing_from_the_start(tmp_path: Path) -> None:
     """A PostgreSQL URL on a closed port: the replica starts (tracking works) but /healthz is 503 and says why."""
     url = f"postgresql://nobody@127.0.0.1:{free_port()}/nothing"
-    settings = config.load_daemon_settings({"database_url": url, "api_tokens": TOKEN}, environ={})
+    settings = options.load_daemon_settings({"database_url": url, "api_tokens": TOKEN}, environ={})
     async with Aggregator(database_url=url, handle_sigterm=False, stop_timeout="1s", spool_dir=str(tmp_path)) as agg:
         app = api.build_app(agg, settings, metrics.Counters())
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from aggregator import api, billing, config, http_guard, meters, metrics, privacy
+from aggregator import api, billing, http_guard, meters, metrics, options, privacy
 from aggregator.runtime import Aggregator
 from tests.helpers import T0, WINDOW, FakeClock, manual
 
@@ -54,7 +54,7 @@ class Served:
 
 
 async def serve(url: str, base_url: str = "http://aggregator.internal", **flags: str) -> AsyncIterator[Served]:
-    settings = config.load_daemon_settings(
+    settings = options.load_daemon_settings(
         {"database_url": url, "window": f"{WINDOW}s", "max_body_bytes": "1048576", "listen": "127.0.0.1:8714",
          "experience_urgencies": json.dumps({"sync_fast": "10s"}), **flags}, environ={})
     counters = metrics.Counters()

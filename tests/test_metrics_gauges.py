@@ -13,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from aggregator import api, config, meters, metrics
+from aggregator import api, meters, metrics, options
 from aggregator.reports import Report
 from aggregator.runtime import Aggregator
 from tests.helpers import T0, WINDOW, FakeClock, manual
@@ -28,7 +28,7 @@ LAST = "aggregator_last_complete_report_"
 
 
 async def serve(url: str, **flags: str) -> AsyncIterator[tuple[httpx.AsyncClient, Aggregator, FakeClock]]:
-    settings = config.load_daemon_settings({"database_url": url, "api_tokens": TOKEN, "window": f"{WINDOW}s",
+    settings = options.load_daemon_settings({"database_url": url, "api_tokens": TOKEN, "window": f"{WINDOW}s",
                                             **flags}, environ={})
     clock = FakeClock()
     delivery = settings.aggregator.delivery

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from aggregator import api, config, metrics
+from aggregator import api, metrics, options
 from aggregator.runtime import Aggregator
 from tests.helpers import T0, WINDOW, FakeClock, manual
 
@@ -18,7 +18,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture
 async def client(database_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, Aggregator, FakeClock]]:
-    settings = config.load_daemon_settings({"database_url": database_url, "api_tokens": TOKEN,
+    settings = options.load_daemon_settings({"database_url": database_url, "api_tokens": TOKEN,
                                             "window": f"{WINDOW}s"}, environ={})
     clock = FakeClock(T0 + 25)
     # flush 10s, grace 5s, collection every 2s, closed at the latest 600s after the end

@@ -177,7 +177,7 @@ def test_unusable_connection_arguments_in_the_url_are_config_errors(query: str, 
 def test_database_pooler_setting_from_arguments_environment_and_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
     """database_pooler: "none" by default, else $AGGREGATOR_DATABASE_POOLER, else the argument; the daemon
     reads it as key, variable or flag; a value outside none/transaction names itself and the choices."""
-    from aggregator import config
+    from aggregator import config, options
 
     monkeypatch.delenv("AGGREGATOR_DATABASE_POOLER", raising=False)
     assert config.Settings.build(database_url="sqlite:///x.db").database_pooler == "none"
@@ -190,15 +190,15 @@ def test_database_pooler_setting_from_arguments_environment_and_daemon(monkeypat
     monkeypatch.setenv("AGGREGATOR_DATABASE_POOLER", "statement")
     with pytest.raises(ConfigError, match="AGGREGATOR_DATABASE_POOLER='statement' must be one of"):
         Aggregator(database_url="sqlite:///x.db", handle_sigterm=False)
-    daemon = config.load_daemon_settings({"database_url": "sqlite:///x.db"},
+    daemon = options.load_daemon_settings({"database_url": "sqlite:///x.db"},
                                          environ={"AGGREGATOR_DATABASE_POOLER": "transaction"})
     assert (daemon.aggregator.database_pooler, daemon.sources["database_pooler"]) == (
         "transaction", "env AGGREGATOR_DATABASE_POOLER")
-    flagged = config.load_daemon_settings({"database_url": "sqlite:///x.db", "database_pooler": "none"},
+    flagged = options.load_daemon_settings({"database_url": "sqlite:///x.db", "database_pooler": "none"},
                                           environ={"AGGREGATOR_DATABASE_POOLER": "transaction"})
     assert flagged.aggregator.database_pooler == "none"
     with pytest.raises(ConfigError, match=r"database_pooler='yes' must be one of: none, transaction .*flag"):
-        config.load_daemon_settings({"database_url": "sqlite:///x.db", "database_pooler": "yes"}, environ={})
+        options.load_daemon_settings({"database_url": "sqlite:///x.db", "database_pooler": "yes"}, environ={})
 
 
 # ---- error translation, with errors from a real PostgreSQL and a real PgBouncer ----------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from aggregator import Aggregator, ConfigError, StoreUnavailable, config, store
+from aggregator import Aggregator, ConfigError, StoreUnavailable, dsn, options, store
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "systemd" / "aggregator.env.example"
@@ -32,8 +32,8 @@ def no_config(tmp_path: Path) -> str:
     return str(path)
 
 
-def load(environ: dict[str, str], config_path: str, **flags: object) -> config.DaemonSettings:
-    return config.load_daemon_settings(dict(flags), environ=environ, config_path=config_path)
+def load(environ: dict[str, str], config_path: str, **flags: object) -> options.DaemonSettings:
+    return options.load_daemon_settings(dict(flags), environ=environ, config_path=config_path)
 
 
 def example_environment() -> dict[str, str]:
@@ -95,7 +95,7 @@ def test_password_in_query_string_is_masked(no_config: str) -> None:
               "postgresql://svc@db.internal/usage?password=***&sslmode=require",
               "postgresql://svc:u-s3cret@h/db?SSLPassword=a1&passwd=b2&pwd=c3&Secret=d4&token=e5&ssl=require":
               "postgresql://svc:***@h/db?SSLPassword=***&passwd=***&pwd=***&Secret=***&token=***&ssl=require"}
-    assert masked == {url: config.mask_url(url) for url in masked}
+    assert masked == {url: dsn.mask_url(url) for url in masked}
     url = "postgresql://svc@db.internal/usage?password=q-s3cret"
     shown = load({**REAL, "AGGREGATOR_DATABASE_URL": url}, no_config).masked()["database_url"]
     assert "q-s3cret" not in shown and "password=***" in shown
@@ -113,7 +113,7 @@ def test_password_with_unencoded_at_is_masked(no_config: str) -> None:
     scrub every piece of it, the piece read as a host included."""
     url = "postgresql://svc:p@ss@w0rd@db.internal:5432/usage"
     expected = "postgresql://svc:***@db.internal:5432/usage"
-    assert expected == config.mask_url(url)
+    assert expected == dsn.mask_url(url)
     for attempt in (lambda: load({**REAL, "AGGREGATOR_DATABASE_URL": url}, no_config),
                     lambda: Aggregator(database_url=url, handle_sigterm=False)):
         with pytest.raises(ConfigError) as raised:

@@ -22,6 +22,8 @@ def sqlstate(exc: BaseException) -> str | None:
 class StoreBase(Protocol):
     dialect: str
     url: str
+    quarantined: dict[str, int] | None
+    quarantine_statuses: dict[str, dict[str, int]]
 
     def transaction(self) -> Any: ...
 

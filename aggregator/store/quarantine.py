@@ -28,6 +28,10 @@ def held(kind: str, ref: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
 class QuarantineQueries:
     """Mixed into Store: the quarantine's SQL."""
 
+    # What quarantine_counts() last read (the Store sets both up): totals per kind, and per kind and status.
+    quarantined: dict[str, int] | None
+    quarantine_statuses: dict[str, dict[str, int]]
+
     async def _set_aside(self: _Base, conn: AsyncConnection, item: quarantine.Item, *, now: float,
                          by: str | None = None) -> None:
         """Record ``item`` as held in the transaction of ``conn`` (again: an attempt more, the newest reason)."""
@@ -89,6 +93,15 @@ class QuarantineQueries:
             for kind, status, n in rows:
                 counts.setdefault(kind, {})[status] = int(n)
             return counts
+
+    async def quarantine_counts(self: _Base) -> dict[str, dict[str, int]]:
+        """Items in the quarantine per kind and status; the totals per kind (every kind, 0 if none) are kept
+        as ``quarantined`` for status() and /metrics."""
+        counts = await QuarantineQueries._quarantine_counts(self)
+        self.quarantine_statuses = counts
+        self.quarantined = {kind: sum(counts.get(kind, {}).values()) for kind in sorted({*quarantine.KINDS, *counts})}
+        return counts
+
 
     async def retry_quarantined(self: _Base, *, now: float, ids: Sequence[int] | None = None) -> int:
         """Hand items back to their loops (all, or the given ids); returns how many.

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from aggregator import config, exceptions, logs
+from aggregator import exceptions, logs, units
 from aggregator.writers import Envelope, Outcome, Writer, unknown_keys
 
 log = logs.get_logger("aggregator.writers.jsonl")
@@ -107,7 +107,7 @@ class JsonlWriter(Writer):
             name,
             directory=Path(directory).expanduser(),
             max_bytes=parse_size(options.get("max_bytes", DEFAULT_MAX_BYTES), key=f"{key}.max_bytes"),
-            max_age=config.parse_duration(options.get("max_age", "1h"), key=f"{key}.max_age"),
+            max_age=units.parse_duration(options.get("max_age", "1h"), key=f"{key}.max_age"),
             keep=keep,
             prefix=prefix,
             fsync=fsync,

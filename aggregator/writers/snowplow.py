@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import jsonschema
 
-from aggregator import config, exceptions, iglu, logs, writers
+from aggregator import exceptions, iglu, logs, units, writers
 
 log = logs.get_logger("aggregator.writers.snowplow")
 
@@ -148,7 +148,7 @@ class SnowplowWriter(writers.Writer):
             encode_base64=_flag(options.get("encode_base64", False), f"{prefix}.encode_base64"),
             batch_size=_integer(options.get("batch_size", 50), f"{prefix}.batch_size", 1, 1000),
             batch_bytes=_integer(options.get("batch_bytes", 50_000), f"{prefix}.batch_bytes", 1, None),
-            timeout=config.parse_duration(options.get("timeout", "10s"), key=f"{prefix}.timeout"),
+            timeout=units.parse_duration(options.get("timeout", "10s"), key=f"{prefix}.timeout"),
             headers=_header_table(options.get("headers", {}), f"{prefix}.headers"),
         )
 
