@@ -65,7 +65,7 @@ TOKENLESS_PASSES = [
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance, ignored_auth, unsupported_method]
 OPERATIONS = {"POST /v1/track", "POST /v1/record", "POST /v1/checkpoints", "GET /v1/reports", "GET /v1/meters",
-              "GET /v1/experiences", "GET /healthz", "GET /metrics"}
+              "GET /v1/experiences", "GET /v1/distinct", "GET /healthz", "GET /metrics"}
 
 # Requests sent, by (operation, generation mode, valid token?, status code).
 Statuses = collections.Counter[tuple[str, str, bool, int]]
