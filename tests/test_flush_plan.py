@@ -16,7 +16,7 @@ import asyncpg
 import sqlalchemy as sa
 
 from aggregator import store
-from aggregator.store.ids import _PG_INSERT_NEW_IDS, _PG_INSERT_NEW_WINDOW_IDS
+from aggregator.store.ids import _PG_INSERT_NEW_WINDOW_IDS
 
 STORED = 200_000
 NOT_EXISTS = (  # the statement before this change, to show the situation is the one that hurt
@@ -58,12 +58,12 @@ def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
-async def _plan(conn: asyncpg.Connection, statement: str, ids: list[str], start: int) -> list[dict[str, Any]]:
+async def _plan(conn: asyncpg.Connection, statement: str, *params: Any) -> list[dict[str, Any]]:
     """The executed plan's nodes; EXPLAIN ANALYZE runs the insert, so it is rolled back."""
     transaction = conn.transaction()
     await transaction.start()
     try:
-        raw = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {statement}", ids, start, 2)
+        raw = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {statement}", *params)
     finally:
         await transaction.rollback()
     return _nodes(json.loads(raw)[0]["Plan"])
@@ -77,8 +77,8 @@ async def test_new_ids_are_probed_one_by_one_whatever_the_statistics(pg_url: str
     conn = await _window_after_analyze(pg_url, start)
     try:
         ids = [str(uuid.uuid4()) for _ in range(20)]
-        before = await _plan(conn, NOT_EXISTS, ids, start)
-        after = await _plan(conn, _PG_INSERT_NEW_IDS, ids, start)
+        before = await _plan(conn, NOT_EXISTS, ids, start, 2)
+        after = await _plan(conn, _PG_INSERT_NEW_WINDOW_IDS, [], ids, start)  # users (dim 2) only
     finally:
         await conn.close()
     read_before = max(n["Actual Rows"] * n["Actual Loops"] for n in before if _ids_table(n))
@@ -120,16 +120,9 @@ async def test_both_sets_are_probed_one_by_one_in_one_statement(pg_url: str) -> 
     conn = await _window_after_analyze(pg_url, start)
     try:
         workspaces, users = [str(uuid.uuid4()) for _ in range(5)], [str(uuid.uuid4()) for _ in range(15)]
-        transaction = conn.transaction()
-        await transaction.start()
-        try:
-            raw = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {_PG_INSERT_NEW_WINDOW_IDS}",
-                                      workspaces, users, start)
-        finally:
-            await transaction.rollback()
+        after = await _plan(conn, _PG_INSERT_NEW_WINDOW_IDS, workspaces, users, start)
     finally:
         await conn.close()
-    after = _nodes(json.loads(raw)[0]["Plan"])
     probes = [n for n in after if n["Node Type"] in ("Index Only Scan", "Index Scan")]
     assert sum(n["Actual Loops"] for n in probes) == 20 and all(_ids_table(n) for n in probes)
     assert sum(n["Actual Rows"] * n["Actual Loops"] for n in probes) == 0

@@ -263,15 +263,12 @@ class Store(WatermarkQueries, WindowIdQueries, CollectQueries, OutboxQueries, Me
         """
         if self.dialect == "postgresql":
             await conn.exec_driver_sql(_PG_SHARE_WINDOWS, (sorted(starts), window, _WINDOW_LOCKS))
-            rows = await conn.execute(
-                sa.select(schema.windows.c.window_start, schema.windows.c.closed_at)
-                .where(schema.windows.c.window_start.in_(starts)))
-            return {start for start, closed_at in rows if closed_at is not None}
-        await conn.execute(
-            self._insert(schema.windows)
-            .values([{"window_start": s, "window_end": s + window} for s in starts])
-            .on_conflict_do_nothing()
-        )
+        else:  # SQLite's writers take turns: the rows are all there is to do
+            await conn.execute(
+                self._insert(schema.windows)
+                .values([{"window_start": s, "window_end": s + window} for s in starts])
+                .on_conflict_do_nothing()
+            )
         rows = await conn.execute(
             sa.select(schema.windows.c.window_start, schema.windows.c.closed_at)
             .where(schema.windows.c.window_start.in_(starts))

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from aggregator import distinct as ranges  # not `distinct`: the read below has that name
 from aggregator import schema
 from aggregator.store.base import StoreBase
+from aggregator.store.ids import hexes
 
 _Base = StoreBase
 
@@ -137,8 +138,8 @@ class DistinctQueries:
                 if len(slices) == 1:  # a small window: copied in this commit
                     await copy(conn, name, dim, *slices[0])
                 sketch = await DistinctQueries._sketch_window(self, conn, start, dim, slices=sketch_slices)
-                await conn.execute(sa.insert(schema.distinct_sketches).values(
-                    window_start=start, dim=name, late=False, sketch=ranges.serialized(sketch), created_at=now))
+                await DistinctQueries._insert_sketch(self, conn, start, name, ranges.serialized(sketch), late=False,
+                                                     now=now)
             r = schema.distinct_rollups
             await conn.execute(sa.update(r).where(r.c.window_start == start).values(rolled_at=now))
         return True
@@ -172,28 +173,27 @@ class DistinctQueries:
         rolled = {int(s) for (s,) in await conn.execute(
             sa.select(r.c.window_start).where(r.c.window_start.in_(sorted({s for s, _ in late}))))}
         late = [(start, part) for start, part in late if start in rolled]
-        for name, field in (("workspaces", "workspaces"), ("users", "users")):
-            pairs = sorted({(ranges.day_of(start), i) for start, part in late for i in getattr(part, field)})
+        for name in ranges.DIMS:  # "workspaces" and "users": the fields of a batch's window too
+            pairs = sorted({(ranges.day_of(start), i) for start, part in late for i in getattr(part, name)})
             if pairs:
-                hexes = [i.to_bytes(16, "big").hex() for _, i in pairs]
+                texts = hexes(i for _, i in pairs)
                 days = [d for d, _ in pairs]
                 if self.dialect == "postgresql":
-                    await conn.exec_driver_sql(_PG_INSERT_DAY_IDS, (days, hexes, name))
+                    await conn.exec_driver_sql(_PG_INSERT_DAY_IDS, (days, texts, name))
                 else:
-                    chunk = "[" + ",".join(f'[{d},"{h}"]' for d, h in zip(days, hexes, strict=True)) + "]"
+                    chunk = "[" + ",".join(f'[{d},"{h}"]' for d, h in zip(days, texts, strict=True)) + "]"
                     await conn.exec_driver_sql(_SQLITE_INSERT_DAY_IDS, (name, chunk))
             for start, part in late:
-                ids = getattr(part, field)
+                ids = getattr(part, name)
                 if ids:
-                    await DistinctQueries._append_sketch(
-                        self, conn, start, name, [i.to_bytes(16, "big").hex() for i in ids], late=True, now=now)
+                    await DistinctQueries._insert_sketch(self, conn, start, name, ranges.sketch_of(hexes(ids)),
+                                                         late=True, now=now)
 
-    async def _append_sketch(self: _Base, conn: AsyncConnection, start: int, name: str, hexes: Sequence[str], *,
+    async def _insert_sketch(self: _Base, conn: AsyncConnection, start: int, name: str, sketch: bytes, *,
                              late: bool, now: float) -> None:
-        if late and not hexes:
-            return
+        """A sketch row: written by a window's rollup, then by each late flush into it (rows are never updated)."""
         await conn.execute(sa.insert(schema.distinct_sketches).values(
-            window_start=start, dim=name, late=late, sketch=ranges.sketch_of(hexes), created_at=now))
+            window_start=start, dim=name, late=late, sketch=sketch, created_at=now))
 
     # ---- prune ---------------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ ids back or counts them for a report (the collector's ``_aggregate`` does).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -22,22 +22,16 @@ _SQLITE_CHUNK = 50_000
 
 # Ids in sorted order, so concurrent flushes insert overlapping ids in one order and cannot deadlock.
 _PG_IDS = "FROM unnest($1::uuid[]) AS x"
-# The ids not stored yet, each looked up by one probe of the primary key. Not ``NOT EXISTS``: PostgreSQL
-# turns that into an anti-join whose plan follows the table's statistics, and a window newer than the
-# last ANALYZE looks empty to them, so a Merge Anti Join read every id already in the window (a 20-id
-# flush took 1.2 s into a window of 10^6). A LATERAL ... LIMIT 1 is never flattened into a join: the
-# probe is per id whatever the statistics say.
-_PG_INSERT_NEW_IDS = (
-    f"INSERT INTO window_ids (window_start, dim, id) SELECT $2::bigint, $3::smallint, x {_PG_IDS} "
-    "LEFT JOIN LATERAL (SELECT 1 AS hit FROM window_ids w WHERE w.window_start = $2 AND w.dim = $3 "
-    "AND w.id = x LIMIT 1) AS stored ON true WHERE stored.hit IS NULL ORDER BY x"
-)
 _PG_INSERT_IDS_ON_CONFLICT = (
     f"INSERT INTO window_ids (window_start, dim, id) SELECT $2::bigint, $3::smallint, x {_PG_IDS} "
     "ORDER BY x ON CONFLICT DO NOTHING"
 )
 # A flush's on-time ids of both sets in one statement: workspaces (dim 1) then users (dim 2), each set in
-# id order. Probed one by one like _PG_INSERT_NEW_IDS, then inserted plainly (large batches: a concurrent
+# id order. The ids not stored yet are each looked up by one probe of the primary key. Not ``NOT EXISTS``:
+# PostgreSQL turns that into an anti-join whose plan follows the table's statistics, and a window newer than
+# the last ANALYZE looks empty to them, so a Merge Anti Join read every id already in the window (a 20-id
+# flush took 1.2 s into a window of 10^6). A LATERAL ... LIMIT 1 is never flattened into a join: the probe
+# is per id whatever the statistics say. Then they are inserted plainly (large batches: a concurrent
 # insert of the same id fails the statement, rolled back to a savepoint and redone with ON CONFLICT) or
 # with ON CONFLICT at once (small batches: no savepoint round trips; its speculative insertion costs per id).
 _PG_WINDOW_IDS = (
@@ -61,6 +55,12 @@ _SQLITE_INSERT_IDS = (
 )
 
 
+def hexes(ids: Iterable[int]) -> list[str]:
+    """``UUID.int`` ids as 32-digit hex text: the form SQLAlchemy's ``Uuid`` stores on SQLite, and one that
+    PostgreSQL casts to ``uuid`` on its side; no UUID objects are built (4x faster than f"{i:032x}")."""
+    return [i.to_bytes(16, "big").hex() for i in ids]
+
+
 class WindowIdQueries:
     """Mixed into Store: the statements that insert a window's distinct ids."""
 
@@ -68,32 +68,23 @@ class WindowIdQueries:
                           *, count_new: bool = False) -> int:
         """Insert ``UUID.int`` ids into the window's distinct set; with ``count_new``, return how many were new.
 
-        Ids travel as 32-digit hex text, the form SQLAlchemy's ``Uuid`` stores on SQLite and one that
-        PostgreSQL casts to ``uuid`` on its side; no UUID objects are built.
+        A flush's on-time ids take ``_insert_window_ids``; this is the path of late ids, and SQLite's.
         """
         if not ids:
             return 0
-        hexes = [i.to_bytes(16, "big").hex() for i in ids]  # 4x faster than f"{i:032x}"
+        texts = hexes(ids)
         if self.dialect != "postgresql":
             before = await conn.scalar(sa.text("SELECT total_changes()")) if count_new else 0
-            for offset in range(0, len(hexes), _SQLITE_CHUNK):
-                chunk = '["' + '","'.join(hexes[offset:offset + _SQLITE_CHUNK]) + '"]'  # hex: nothing to escape
+            for offset in range(0, len(texts), _SQLITE_CHUNK):
+                chunk = '["' + '","'.join(texts[offset:offset + _SQLITE_CHUNK]) + '"]'  # hex: nothing to escape
                 await conn.exec_driver_sql(_SQLITE_INSERT_IDS, (start, dim, chunk))
             after = await conn.scalar(sa.text("SELECT total_changes()")) if count_new else 0
             return int(after or 0) - int(before or 0)
-        if count_new:
-            result = await conn.exec_driver_sql(_PG_INSERT_IDS_ON_CONFLICT + " RETURNING 1", (hexes, start, dim))
-            return len(result.fetchall())
-        # Fast path: a plain insert of the ids not stored yet (ON CONFLICT's speculative insertion costs
-        # ~70% more). If another replica inserts one of the same ids concurrently, the unique violation
-        # rolls back to the savepoint and the ON CONFLICT form does the job.
-        try:
-            async with conn.begin_nested():
-                await conn.exec_driver_sql(_PG_INSERT_NEW_IDS, (hexes, start, dim))
-        except sa.exc.IntegrityError:
-            log.debug("ids_insert_fallback", window_start=start, dim=dim, ids=len(hexes))
-            await conn.exec_driver_sql(_PG_INSERT_IDS_ON_CONFLICT, (hexes, start, dim))
-        return 0
+        if not count_new:
+            await conn.exec_driver_sql(_PG_INSERT_IDS_ON_CONFLICT, (texts, start, dim))
+            return 0
+        result = await conn.exec_driver_sql(_PG_INSERT_IDS_ON_CONFLICT + " RETURNING 1", (texts, start, dim))
+        return len(result.fetchall())
 
     async def _insert_window_ids(self: _Base, conn: AsyncConnection, start: int, workspaces: Sequence[int],
                                  users: Sequence[int]) -> None:
@@ -104,11 +95,13 @@ class WindowIdQueries:
             return
         if not (workspaces or users):
             return
-        params = ([i.to_bytes(16, "big").hex() for i in workspaces], [i.to_bytes(16, "big").hex() for i in users],
-                  start)
+        params = (hexes(workspaces), hexes(users), start)
         if len(workspaces) + len(users) < SAVEPOINT_FROM_IDS:
             await conn.exec_driver_sql(_PG_INSERT_WINDOW_IDS_ON_CONFLICT, params)
             return
+        # Fast path: a plain insert of the ids not stored yet (ON CONFLICT's speculative insertion costs
+        # ~70% more). If another replica inserts one of the same ids concurrently, the unique violation
+        # rolls back to the savepoint and the ON CONFLICT form does the job.
         try:
             async with conn.begin_nested():
                 await conn.exec_driver_sql(_PG_INSERT_NEW_WINDOW_IDS, params)

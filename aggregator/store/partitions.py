@@ -51,9 +51,10 @@ class Partition:
     high: int | None
     default: bool = False
 
-    def covers(self, day: int) -> bool:
-        return not self.default and (self.low is None or self.low <= day) and (
-            self.high is None or day + DAY <= self.high)
+    def overlaps(self, day: int) -> bool:
+        """Whether it holds any window start of ``day`` (the DEFAULT partition takes only the others')."""
+        return not self.default and (self.low is None or self.low < day + DAY) and (
+            self.high is None or day < self.high)
 
 
 def parse_bound(name: str, bound: str) -> Partition:
@@ -112,9 +113,7 @@ async def ensure_ahead(conn: AsyncConnection, now: float) -> list[str]:
     await conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
     created = []
     for day in range(day_of(now), day_of(now) + (AHEAD_DAYS + 1) * DAY, DAY):
-        if any(p.covers(day) for p in parts) or any(
-                not p.default and p.low is not None and p.high is not None and p.low < day + DAY and day < p.high
-                for p in parts):
+        if any(p.overlaps(day) for p in parts):
             continue
         try:
             async with conn.begin_nested():

@@ -71,9 +71,14 @@ class WatermarkQueries:
         if (await conn.execute(claim)).first() is not None:
             return True
         entered = await conn.execute(
-            self._insert(table).values(writer_id=writer_id, replica_id=replica_id, last_seq=0, updated_at=now)
-            .on_conflict_do_nothing().returning(table.c.last_seq))
+            WatermarkQueries._entry(self, writer_id, replica_id, now).returning(table.c.last_seq))
         return entered.first() is not None and (await conn.execute(claim)).first() is not None
+
+    def _entry(self: _Base, writer_id: uuid.UUID, replica_id: str, now: float, **first: Any) -> Any:
+        """The incarnation's row, at sequence number 0, unless it is there already."""
+        return (self._insert(schema.flush_sequences)
+                .values(writer_id=writer_id, replica_id=replica_id, last_seq=0, updated_at=now, **first)
+                .on_conflict_do_nothing())
 
     async def register(self: _Base, writer_id: uuid.UUID, replica_id: str, *, watermark: float, now: float) -> None:
         """Enter an incarnation with a first watermark and heartbeat, ahead of its first flush.
@@ -82,12 +87,8 @@ class WatermarkQueries:
         an incarnation already entered is left as it is.
         """
         async with self.transaction() as conn:
-            await conn.execute(
-                self._insert(schema.flush_sequences)
-                .values(writer_id=writer_id, replica_id=replica_id, last_seq=0, updated_at=now,
-                        watermark=watermark, heartbeat_at=WatermarkQueries._db_now(self))
-                .on_conflict_do_nothing()
-            )
+            await conn.execute(WatermarkQueries._entry(self, writer_id, replica_id, now, watermark=watermark,
+                                                       heartbeat_at=WatermarkQueries._db_now(self)))
 
     async def open_windows(self: _Base, *, ended_by: float) -> list[tuple[int, int]]:
         """(start, end) of the windows not yet reported that ended by ``ended_by``, oldest first.
